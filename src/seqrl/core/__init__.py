@@ -1,0 +1,105 @@
+"""seqrl.core: the pure tensor maths of GSPO, SPPO, FIPO and their baselines.
+
+Explicit tensors in, tensors out: no model, no config object, no I/O, no ``.item()``, no
+``torch.distributed``. Each function's docstring carries its equation and paper.
+
+Shape letters used in every docstring and comment:
+    P  prompts in a batch            G  samples (responses) per prompt
+    B  sequences, B = P·G            T  response tokens (padded width)
+    L  prompt + response tokens      V  vocabulary size
+Rows i·G … i·G + G − 1 share prompt i. ``mask`` / ``response_mask`` is bool [B, T] and True
+means "this token was sampled by the policy and counts"; values at False positions never reach
+a sum or an ``exp``.
+"""
+
+from seqrl.core.advantages import (
+    broadcast_to_tokens,
+    gae_advantages,
+    group_advantages,
+    group_centered_advantages,
+    remax_advantages,
+    rloo_advantages,
+    sppo_advantages,
+    token_level_rewards,
+)
+from seqrl.core.fipo import FIPO_PRESETS, dual_clip_drop_mask, influence_weights
+from seqrl.core.kl import KL_ESTIMATORS, kl_estimate
+from seqrl.core.logprobs import token_entropy, token_logprobs
+from seqrl.core.losses import (
+    POLICY_LOSS_DEFAULTS,
+    POLICY_LOSS_NAMES,
+    LossOutput,
+    PolicyLossConfig,
+    bce_value_loss,
+    clipped_value_loss,
+    policy_loss,
+    resolve_policy_loss_config,
+)
+from seqrl.core.masks import (
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    sequence_lengths,
+)
+from seqrl.core.ratios import (
+    clip_masks,
+    clipped_surrogate,
+    gspo_token_log_ratio,
+    sequence_log_ratio,
+    token_log_ratio,
+)
+from seqrl.core.reduce import AGG_MODES, aggregate, normalizers
+from seqrl.core.returns import (
+    decay_from_rate,
+    discounted_reverse_cumsum,
+    future_kl,
+    future_kl_quadratic,
+)
+from seqrl.core.shaping import mixed_group_mask, overlong_filter_mask, soft_overlong_penalty
+
+__all__ = [
+    "AGG_MODES",
+    "FIPO_PRESETS",
+    "KL_ESTIMATORS",
+    "POLICY_LOSS_DEFAULTS",
+    "POLICY_LOSS_NAMES",
+    "LossOutput",
+    "PolicyLossConfig",
+    "aggregate",
+    "bce_value_loss",
+    "broadcast_to_tokens",
+    "clip_masks",
+    "clipped_surrogate",
+    "clipped_value_loss",
+    "decay_from_rate",
+    "discounted_reverse_cumsum",
+    "dual_clip_drop_mask",
+    "future_kl",
+    "future_kl_quadratic",
+    "gae_advantages",
+    "group_advantages",
+    "group_centered_advantages",
+    "gspo_token_log_ratio",
+    "influence_weights",
+    "kl_estimate",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "mixed_group_mask",
+    "normalizers",
+    "overlong_filter_mask",
+    "policy_loss",
+    "remax_advantages",
+    "resolve_policy_loss_config",
+    "rloo_advantages",
+    "sequence_lengths",
+    "sequence_log_ratio",
+    "soft_overlong_penalty",
+    "sppo_advantages",
+    "token_entropy",
+    "token_level_rewards",
+    "token_log_ratio",
+    "token_logprobs",
+]

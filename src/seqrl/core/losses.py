@@ -1,0 +1,428 @@
+"""Policy and value losses: ``policy_loss(name, ...)`` → ``LossOutput(loss, metrics)``.
+
+Every policy loss is one clipped surrogate (:func:`seqrl.core.ratios.clipped_surrogate`) with a
+few independent choices, and each algorithm name is a preset of them (:data:`POLICY_LOSS_DEFAULTS`):
+
+- ratio level: ``token`` w_t = π_θ/π_old (PPO, GRPO, DAPO, SPPO, FIPO, RLOO, ReMax);
+  ``sequence`` s_i = exp(mean_t log π_θ/π_old) broadcast to the tokens (GSPO Eq. 7);
+  ``sequence_token`` sg[s_i]·π_θ/sg[π_θ] (GSPO-token Eq. 14);
+- clip range [1 − clip_low, 1 + clip_high] and optional dual clip c;
+- aggregation (:mod:`seqrl.core.reduce`) and Dr. GRPO's ``max_tokens``;
+- KL to a reference in the loss, ``loss += kl_coef · agg(k(logp, ref_logprobs))``;
+- FIPO's detached future-KL influence weights on the advantage, plus its sequence-drop rule.
+
+All inputs are [B, T] (``advantages`` may be [B]); the loss is minimised (loss = −J).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seqrl.core.advantages import broadcast_to_tokens
+from seqrl.core.fipo import dual_clip_drop_mask, influence_weights
+from seqrl.core.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
+from seqrl.core.masks import check_mask, masked_mean
+from seqrl.core.ratios import (
+    clip_masks,
+    clipped_surrogate,
+    gspo_token_log_ratio,
+    sequence_log_ratio,
+    token_log_ratio,
+)
+from seqrl.core.reduce import AGG_MODES, AggMode, aggregate
+from seqrl.core.returns import future_kl
+
+RatioLevel = Literal["token", "sequence", "sequence_token"]
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A loss to minimise (0-d tensor) and its metrics (detached 0-d tensors, namespaced keys)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The independent choices behind a policy loss; names are presets of these fields."""
+
+    ratio_level: RatioLevel = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip_c: float | None = None  # Ye et al. 2020; None = off
+    agg: AggMode = "token-mean"
+    max_tokens: float | None = None  # Dr. GRPO's constant normaliser
+    kl_coef: float = 0.0  # in-loss KL weight β (needs ref_logprobs when > 0)
+    kl_estimator: KLEstimator = "k3"
+    log_ratio_clamp: float | None = 20.0  # numerical guard on log-ratios before exp; None = off
+    future_kl_weights: bool = False  # FIPO
+    decay_rate: float = 32.0  # FIPO τ, γ = 2^(−1/τ)
+    influence_min: float | None = 1.0  # FIPO weight interval [influence_min, influence_max]
+    influence_max: float | None = 1.2
+    safety_threshold: float | None = 10.0  # FIPO safety rule on ratio; None = off
+    drop_dual_clipped_sequences: bool = False  # FIPO official-code sequence drop
+
+
+FIPO_FIELDS = frozenset(
+    {
+        "decay_rate",
+        "influence_min",
+        "influence_max",
+        "safety_threshold",
+        "drop_dual_clipped_sequences",
+    }
+)
+
+_TOKEN = PolicyLossConfig()
+_VERL_VANILLA = dataclasses.replace(_TOKEN, dual_clip_c=3.0)  # verl's vanilla loss: dual clip c = 3
+_GSPO = dataclasses.replace(
+    _TOKEN,
+    ratio_level="sequence",
+    clip_low=3e-4,
+    clip_high=4e-4,
+    agg="seq-mean-token-mean",
+    log_ratio_clamp=10.0,
+)
+_DAPO = dataclasses.replace(_TOKEN, clip_high=0.28, dual_clip_c=10.0)
+
+POLICY_LOSS_DEFAULTS: dict[str, PolicyLossConfig] = {
+    # PPO (arXiv 1707.06347) as verl runs it: token ratio, ε = 0.2, dual clip 3, token-mean.
+    "ppo": _VERL_VANILLA,
+    # GRPO (arXiv 2402.03300, Eq. 3): per-sequence mean, k3 KL in the loss with β = 0.04.
+    "grpo": dataclasses.replace(_TOKEN, agg="seq-mean-token-mean", kl_coef=0.04),
+    # DAPO (arXiv 2503.14476): clip-higher [0.2, 0.28], token-mean, dual clip 10 (verl script).
+    "dapo": _DAPO,
+    # Dr. GRPO (arXiv 2503.20783): token sum / MAX_TOKENS per sequence, mean over sequences.
+    "dr_grpo": dataclasses.replace(_TOKEN, agg="seq-mean-token-sum-norm"),
+    # GSPO (arXiv 2507.18071, Eq. 5): sequence ratio, clip [3e-4, 4e-4] (§5.1), per-sequence mean.
+    "gspo": _GSPO,
+    # GSPO-token (Eqs. 13–17): sg[s_i]·π/sg[π], same clip and aggregation.
+    "gspo_token": dataclasses.replace(_GSPO, ratio_level="sequence_token"),
+    # SPPO (arXiv 2604.08865, Eq. 3): token-level PPO on R − V(prompt); verl vanilla defaults.
+    "sppo": _VERL_VANILLA,
+    # FIPO (arXiv 2603.19835): DAPO with future-KL influence weights; official 32B settings.
+    "fipo": dataclasses.replace(_DAPO, future_kl_weights=True, drop_dual_clipped_sequences=True),
+    # RLOO (arXiv 2402.14740) and ReMax (arXiv 2310.10505) in verl's clipped form.
+    "rloo": _VERL_VANILLA,
+    "remax": _VERL_VANILLA,
+}
+POLICY_LOSS_NAMES: tuple[str, ...] = tuple(POLICY_LOSS_DEFAULTS)
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def resolve_policy_loss_config(name: str, **hparams) -> PolicyLossConfig:
+    """The preset ``name`` with explicit ``hparams`` overriding it, validated."""
+    if name not in POLICY_LOSS_DEFAULTS:
+        raise ValueError(
+            f"unknown policy loss {name!r}{_closest(name, POLICY_LOSS_DEFAULTS)} "
+            f"(choose one of {', '.join(POLICY_LOSS_NAMES)})"
+        )
+    valid = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+    for key in hparams:
+        if key not in valid:
+            raise TypeError(f"unknown hyperparameter {key!r} for policy_loss{_closest(key, valid)}")
+    cfg = dataclasses.replace(POLICY_LOSS_DEFAULTS[name], **hparams)
+    if not cfg.future_kl_weights and FIPO_FIELDS & hparams.keys():
+        bad = sorted(FIPO_FIELDS & hparams.keys())
+        raise TypeError(f"{', '.join(bad)} only apply to FIPO (name='fipo'), not {name!r}")
+    if cfg.ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {cfg.ratio_level!r}")
+    if cfg.agg not in AGG_MODES:
+        raise ValueError(
+            f"agg must be one of {AGG_MODES}, got {cfg.agg!r}{_closest(cfg.agg, AGG_MODES)}"
+        )
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {cfg.kl_estimator!r}")
+    if not (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
+        raise ValueError(
+            f"need 0 ≤ clip_low < 1 and clip_high ≥ 0, got {cfg.clip_low}, {cfg.clip_high}"
+        )
+    if cfg.dual_clip_c is not None and cfg.dual_clip_c <= 1 + cfg.clip_high:
+        raise ValueError(
+            f"dual_clip_c must exceed 1 + clip_high = {1 + cfg.clip_high}, got {cfg.dual_clip_c}"
+        )
+    if cfg.drop_dual_clipped_sequences and cfg.dual_clip_c is None:
+        raise ValueError("drop_dual_clipped_sequences needs dual_clip_c (the ratio threshold c)")
+    if cfg.agg == "seq-mean-token-sum-norm" and cfg.max_tokens is None:
+        raise ValueError(
+            f"{name!r} aggregates with seq-mean-token-sum-norm and needs max_tokens, the "
+            "training-wide generation budget (Dr. GRPO's MAX_TOKENS)"
+        )
+    return cfg
+
+
+def _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, cfg) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    check_mask(mask, logprobs)
+    for label, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(
+                f"{label} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)}"
+            )
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [B] or [B, T], got {tuple(advantages.shape)}")
+    if cfg.ratio_level == "sequence" and advantages.dim() != 1:
+        raise ValueError(
+            "a sequence-level ratio (gspo) needs one advantage per sequence [B]; "
+            "use 'gspo_token' for per-token advantages"
+        )
+    if cfg.kl_coef and ref_logprobs is None:
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} needs ref_logprobs from a reference model; "
+            "pass them, or set kl_coef=0 to train without the KL term"
+        )
+
+
+def _log_ratio(logprobs, old_logprobs, mask, cfg: PolicyLossConfig) -> Tensor:
+    """log w [B, T] at the configured ratio level (0 on padding)."""
+    if cfg.ratio_level == "token":
+        return token_log_ratio(logprobs, old_logprobs, mask, clamp=cfg.log_ratio_clamp)
+    if cfg.ratio_level == "sequence_token":
+        return gspo_token_log_ratio(logprobs, old_logprobs, mask, clamp=cfg.log_ratio_clamp)
+    seq = sequence_log_ratio(logprobs, old_logprobs, mask)  # [B]
+    if cfg.log_ratio_clamp is not None:
+        seq = seq.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    return broadcast_to_tokens(seq, mask)  # [B, T]
+
+
+def policy_loss(
+    name: str,
+    *,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    total_tokens: Tensor | float | None = None,
+    total_sequences: Tensor | float | None = None,
+    **hparams,
+) -> LossOutput:
+    """Clipped policy-gradient loss of algorithm ``name`` (a preset; ``hparams`` override it).
+
+        w      = token ratio, GSPO's s_i, or GSPO-token's sg[s_i]·π/sg[π]   (ratio_level)
+        Ã_t    = Â_t · f_t   (FIPO, f detached; f ≡ 1 otherwise)
+        ℓ_t    = max(−Ã w, −Ã clip(w, 1 − ε_low, 1 + ε_high));  min(ℓ_t, −Ã c) where Ã < 0 (dual clip)
+        loss   = agg(ℓ) + β · agg(k(logp, ref))
+
+    logprobs [B, T] carry the gradient; old_logprobs / ref_logprobs [B, T] and advantages [B] or
+    [B, T] are treated as constants. ``total_tokens`` / ``total_sequences`` are the optimiser
+    mini-batch's normalisers when this call sees one micro-batch (spec §0.3).
+    Metrics: ``loss/policy``, ``loss/kl``, ``policy/clip_frac{,_low,_high}``,
+    ``policy/dual_clip_frac``, ``policy/ratio_{mean,min,max}``, ``policy/kl_old``,
+    ``policy/seq_clip_frac`` (GSPO), ``fipo/*`` (FIPO).
+    """
+    cfg = resolve_policy_loss_config(name, **hparams)
+    _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, cfg)
+    old_logprobs = old_logprobs.detach()
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = broadcast_to_tokens(adv, mask)  # [B, T]
+    adv = torch.where(mask, adv, torch.zeros_like(adv))
+    log_ratio = _log_ratio(logprobs, old_logprobs, mask, cfg)  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+    loss_mask = mask
+    metrics: dict[str, Tensor] = {}
+
+    if cfg.future_kl_weights:
+        weights, fipo_metrics = _fipo_weights(log_ratio, adv, mask, cfg)
+        adv = adv * weights  # [B, T]  Ã = Â·f, f detached
+        metrics.update(fipo_metrics)
+        if cfg.drop_dual_clipped_sequences:
+            keep = dual_clip_drop_mask(adv, log_ratio, mask, cfg.dual_clip_c)  # [B]
+            loss_mask = mask & keep[:, None]
+            metrics["fipo/dropped_seqs"] = (~keep & mask.any(-1)).sum().to(ratio.dtype)
+
+    per_token = clipped_surrogate(
+        ratio, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c
+    )  # [B, T]
+    norm = {
+        "max_tokens": cfg.max_tokens,
+        "total_tokens": total_tokens,
+        "total_sequences": total_sequences,
+    }
+    policy = aggregate(per_token, loss_mask, cfg.agg, **norm)
+    loss = policy
+    metrics["loss/policy"] = policy
+    if ref_logprobs is not None:
+        kl = aggregate(
+            kl_estimate(logprobs, ref_logprobs.detach(), mask, cfg.kl_estimator),
+            loss_mask,
+            cfg.agg,
+            **norm,
+        )
+        loss = loss + cfg.kl_coef * kl
+        metrics["loss/kl"] = kl
+    metrics.update(_ratio_metrics(ratio, adv, mask, logprobs, old_logprobs, cfg))
+    return LossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
+
+
+def _fipo_weights(log_ratio, adv, mask, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """FIPO's f [B, T] (detached) and its statistics."""
+    delta = log_ratio.detach()
+    fkl = future_kl(delta, mask, decay_rate=cfg.decay_rate, dual_clip_c=cfg.dual_clip_c)  # [B, T]
+    weights = influence_weights(
+        fkl,
+        adv,
+        delta,
+        mask,
+        influence_min=cfg.influence_min,
+        influence_max=cfg.influence_max,
+        safety_threshold=cfg.safety_threshold,
+    )  # [B, T]
+    dtype = weights.dtype
+    stats = {
+        "fipo/weight_mean": masked_mean(weights, mask),
+        "fipo/weight_min": _masked_extreme(weights, mask, torch.amin),
+        "fipo/weight_max": _masked_extreme(weights, mask, torch.amax),
+        "fipo/weight_above_1_frac": masked_mean((weights > 1).to(dtype), mask),
+        "fipo/future_kl_mean": masked_mean(fkl, mask),
+    }
+    if cfg.influence_min is not None:
+        stats["fipo/weight_at_min_frac"] = masked_mean(
+            (weights <= cfg.influence_min).to(dtype), mask
+        )
+    if cfg.influence_max is not None:
+        stats["fipo/weight_at_max_frac"] = masked_mean(
+            (weights >= cfg.influence_max).to(dtype), mask
+        )
+    if cfg.safety_threshold is not None:
+        risky = mask & (adv < 0) & (delta > math.log(cfg.safety_threshold))
+        stats["fipo/safety_frac"] = masked_mean(risky.to(dtype), mask)
+    return weights, stats
+
+
+def _masked_extreme(x: Tensor, mask: Tensor, reduce) -> Tensor:
+    """min/max of valid entries; 1.0 (the neutral ratio) when there are none."""
+    fill = torch.tensor(float("inf") if reduce is torch.amin else float("-inf"), dtype=x.dtype)
+    value = reduce(torch.where(mask, x, fill))
+    return torch.where(mask.any(), value, torch.ones_like(value))
+
+
+def _ratio_metrics(
+    ratio, adv, mask, logprobs, old_logprobs, cfg: PolicyLossConfig
+) -> dict[str, Tensor]:
+    with torch.no_grad():
+        dtype = ratio.dtype
+        clipped = clip_masks(
+            ratio,
+            adv,
+            mask,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip_c=cfg.dual_clip_c,
+        )
+        frac = {k: masked_mean(v.to(dtype), mask) for k, v in clipped.items()}
+        out = {
+            "policy/clip_frac": frac["high"] + frac["low"],
+            "policy/clip_frac_low": frac["low"],
+            "policy/clip_frac_high": frac["high"],
+            "policy/dual_clip_frac": frac["dual"],
+            "policy/ratio_mean": masked_mean(ratio, mask),
+            "policy/ratio_min": _masked_extreme(ratio, mask, torch.amin),
+            "policy/ratio_max": _masked_extreme(ratio, mask, torch.amax),
+            "policy/kl_old": masked_mean(old_logprobs - logprobs, mask),
+        }
+        if cfg.ratio_level != "token":
+            seq_clipped = (clipped["high"] | clipped["low"]).any(dim=-1)  # [B]
+            nonempty = mask.any(dim=-1)
+            out["policy/seq_clip_frac"] = masked_mean(seq_clipped.to(dtype), nonempty)
+        return out
+
+
+def bce_value_loss(
+    value_logits: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    *,
+    agg: AggMode = "token-mean",
+    total_tokens: Tensor | float | None = None,
+    total_sequences: Tensor | float | None = None,
+) -> LossOutput:
+    """SPPO's critic loss (Eq. 2): BCE-with-logits of V = sigmoid(z) against the 0/1 reward.
+
+        L_V = −mean[ R·log σ(z) + (1 − R)·log(1 − σ(z)) ],     ∂L/∂z = (σ(z) − R)/N
+
+    value_logits, targets: [B] (one logit per prompt, mean over the batch; ``total_sequences``
+    overrides B) or [B, T] with ``mask`` (a token critic trained with BCE, aggregated by ``agg``).
+    """
+    if value_logits.shape != targets.shape:
+        raise ValueError(
+            f"value_logits {tuple(value_logits.shape)} and targets {tuple(targets.shape)} differ"
+        )
+    targets = targets.detach().to(value_logits.dtype)
+    if value_logits.dim() == 1:
+        if mask is not None:
+            raise ValueError("a scalar critic's logits [B] take no mask")
+        per_seq = F.binary_cross_entropy_with_logits(value_logits, targets, reduction="none")  # [B]
+        denom = max(value_logits.shape[0], 1) if total_sequences is None else total_sequences
+        loss = per_seq.sum() / denom
+        valid = torch.ones_like(value_logits, dtype=torch.bool)
+    else:
+        if mask is None:
+            raise ValueError("token-level value logits [B, T] need the response mask")
+        per_tok = F.binary_cross_entropy_with_logits(
+            value_logits, targets, reduction="none"
+        )  # [B, T]
+        loss = aggregate(
+            per_tok, mask, agg, total_tokens=total_tokens, total_sequences=total_sequences
+        )
+        valid = mask
+    with torch.no_grad():
+        metrics = {
+            "critic/loss": loss.detach(),
+            "critic/value_mean": masked_mean(torch.sigmoid(value_logits), valid),
+            "critic/target_mean": masked_mean(targets, valid),
+        }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def clipped_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float | None = 0.5,
+    agg: AggMode = "token-mean",
+    total_tokens: Tensor | float | None = None,
+    total_sequences: Tensor | float | None = None,
+) -> LossOutput:
+    """PPO's clipped value loss (spec §4.4): 0.5 · agg(max((V − G)², (clip(V, V_old ± ε_v) − G)²)).
+
+    values [B, T] carry the gradient; old_values, returns [B, T] are constants; ``clip`` = ε_v
+    (verl 0.5), None for the plain squared error.
+    """
+    check_mask(mask, values)
+    old_values, returns = old_values.detach(), returns.detach()
+    err = (values - returns).square()  # [B, T]
+    if clip is None:
+        per_tok, clipped_frac = err, torch.zeros((), dtype=values.dtype)
+    else:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)  # [B, T]
+        err_clipped = (v_clipped - returns).square()
+        per_tok = torch.maximum(err, err_clipped)
+        clipped_frac = masked_mean((err_clipped > err).to(values.dtype), mask)
+    loss = 0.5 * aggregate(
+        per_tok, mask, agg, total_tokens=total_tokens, total_sequences=total_sequences
+    )
+    metrics = {
+        "critic/loss": loss.detach(),
+        "critic/value_clip_frac": clipped_frac.detach(),
+        "critic/value_mean": masked_mean(values.detach(), mask),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
