@@ -44,7 +44,7 @@ def discounted_reverse_cumsum(x: Tensor, gamma: float, *, chunk_size: int = 128)
     B, T = x.shape
     if T == 0:
         return x.clone()
-    K = min(chunk_size, T)
+    K = min(max(chunk_size, 2), T)  # ≥ 2 so that each level of the scan is shorter
     n = -(-T // K)  # chunks
     padded = F.pad(x, (0, n * K - T))  # [B, n·K]  zeros after the end change nothing before it
     blocks = padded.view(B, n, K)  # [B, n, K]

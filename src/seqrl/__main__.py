@@ -1,0 +1,3 @@
+from seqrl.cli import app
+
+app(prog_name="seqrl")
