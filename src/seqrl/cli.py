@@ -17,13 +17,25 @@ app = typer.Typer(
 
 # One line and the paper for every policy-loss preset in seqrl.core.
 LOSS_PRESET_INFO: dict[str, tuple[str, str]] = {
-    "ppo": ("token-level PPO clipped surrogate (pair with GAE and a token critic)", "arXiv 1707.06347"),
-    "grpo": ("group-normalised advantages, per-sequence mean, k3 KL in the loss", "arXiv 2402.03300"),
+    "ppo": (
+        "token-level PPO clipped surrogate (pair with GAE and a token critic)",
+        "arXiv 1707.06347",
+    ),
+    "grpo": (
+        "group-normalised advantages, per-sequence mean, k3 KL in the loss",
+        "arXiv 2402.03300",
+    ),
     "dapo": ("clip-higher [0.2, 0.28], token-mean, dual clip 10", "arXiv 2503.14476"),
     "dr_grpo": ("group-centred advantages, token sum / MAX_TOKENS", "arXiv 2503.20783"),
     "gspo": ("sequence-level length-normalised ratio and clipping", "arXiv 2507.18071"),
-    "gspo_token": ("GSPO with sg[s_i]·π/sg[π] token ratios for per-token advantages", "arXiv 2507.18071"),
-    "sppo": ("token PPO on R − V(prompt) from a scalar BCE critic, one sample per prompt", "arXiv 2604.08865"),
+    "gspo_token": (
+        "GSPO with sg[s_i]·π/sg[π] token ratios for per-token advantages",
+        "arXiv 2507.18071",
+    ),
+    "sppo": (
+        "token PPO on R − V(prompt) from a scalar BCE critic, one sample per prompt",
+        "arXiv 2604.08865",
+    ),
     "fipo": ("DAPO with detached future-KL influence weights on the advantage", "arXiv 2603.19835"),
     "rloo": ("leave-one-out baseline, verl's clipped form", "arXiv 2402.14740"),
     "remax": ("greedy-decoding baseline, verl's clipped form", "arXiv 2310.10505"),
@@ -48,12 +60,18 @@ def presets() -> None:
         description, paper = LOSS_PRESET_INFO[name]
         about.add_row(name, paper, description)
         defaults.add_row(
-            name, cfg.ratio_level, f"[{_fmt(cfg.clip_low)}, {_fmt(cfg.clip_high)}]",
-            _fmt(cfg.dual_clip_c), cfg.agg, _fmt(cfg.kl_coef),
+            name,
+            cfg.ratio_level,
+            f"[{_fmt(cfg.clip_low)}, {_fmt(cfg.clip_high)}]",
+            _fmt(cfg.dual_clip_c),
+            cfg.agg,
+            _fmt(cfg.kl_coef),
         )
     console.print(about)
     console.print(defaults)
-    console.print(f"FIPO settings, policy_loss('fipo', **FIPO_PRESETS[key]): {', '.join(FIPO_PRESETS)}")
+    console.print(
+        f"FIPO settings, policy_loss('fipo', **FIPO_PRESETS[key]): {', '.join(FIPO_PRESETS)}"
+    )
 
 
 @app.command()

@@ -222,6 +222,11 @@ def policy_loss(
     logprobs [B, T] carry the gradient; old_logprobs / ref_logprobs [B, T] and advantages [B] or
     [B, T] are treated as constants. ``total_tokens`` / ``total_sequences`` are the optimiser
     mini-batch's normalisers when this call sees one micro-batch (spec §0.3).
+
+    FIPO's sequence-drop rule removes rows from the denominator, and which rows go is only known
+    in each micro-batch's forward pass. For exact gradient accumulation with it, pass
+    ``total_tokens=1`` (a plain token sum), accumulate, then divide the gradients by the sum of
+    the micro-batches' ``fipo/kept_tokens`` before clipping and stepping.
     Metrics: ``loss/policy``, ``loss/kl``, ``policy/clip_frac{,_low,_high}``,
     ``policy/dual_clip_frac``, ``policy/ratio_{mean,min,max}``, ``policy/kl_old``,
     ``policy/seq_clip_frac`` (GSPO), ``fipo/*`` (FIPO).
@@ -246,6 +251,7 @@ def policy_loss(
             keep = dual_clip_drop_mask(adv, log_ratio, mask, cfg.dual_clip_c)  # [B]
             loss_mask = mask & keep[:, None]
             metrics["fipo/dropped_seqs"] = (~keep & mask.any(-1)).sum().to(ratio.dtype)
+            metrics["fipo/kept_tokens"] = loss_mask.sum().to(ratio.dtype)
 
     per_token = clipped_surrogate(
         ratio, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c
