@@ -54,8 +54,18 @@ def measure(method: str, batch: int, length: int, repeats: int) -> dict:
 
 
 def run_child(method: str, batch: int, length: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--batch", str(batch),
-           "--lengths", str(length), "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--batch",
+        str(batch),
+        "--lengths",
+        str(length),
+        "--repeats",
+        str(repeats),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -81,18 +91,25 @@ def main() -> None:
         return
 
     print(f"# Future-KL, B={args.batch}, float32, decay_rate=32, c=10, chunk 128")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| L | seqrl time (ms) | paper time (ms) | speed-up | seqrl peak (MiB) | paper peak (MiB) | seqrl ns/token |")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| L | seqrl time (ms) | paper time (ms) | speed-up | seqrl peak (MiB) | paper peak (MiB) | seqrl ns/token |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         ours = run_child("seqrl", args.batch, length, args.repeats)
         paper_repeats = max(1, args.repeats if length <= 8192 else 1)
         paper = run_child("paper", args.batch, length, paper_repeats)
         ns_per_token = 1e9 * ours["seconds"] / (args.batch * length)
-        print(f"| {length} | {1e3 * ours['seconds']:.2f} | {1e3 * paper['seconds']:.0f} | "
-              f"{paper['seconds'] / ours['seconds']:.0f}× | {ours['peak_mib']:.1f} | "
-              f"{paper['peak_mib']:.1f} | {ns_per_token:.1f} |", flush=True)
+        print(
+            f"| {length} | {1e3 * ours['seconds']:.2f} | {1e3 * paper['seconds']:.0f} | "
+            f"{paper['seconds'] / ours['seconds']:.0f}× | {ours['peak_mib']:.1f} | "
+            f"{paper['peak_mib']:.1f} | {ns_per_token:.1f} |",
+            flush=True,
+        )
     diff = check_agreement(args.batch, min(args.lengths))
     print(f"\nmax |seqrl − paper| in float64 at L={min(args.lengths)}: {diff:.2e}")
 

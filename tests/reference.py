@@ -20,36 +20,113 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 
 # Own copy of the preset table (API table; spec §1.7, §2.4, §3.6, §4.1-§4.6, §7).
 POLICY_LOSS_PRESETS: dict[str, dict] = {
-    "ppo": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
-                agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0),
-    "grpo": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=None,
-                 agg="seq-mean-token-mean", kl_coef=0.04, log_ratio_clamp=20.0),
-    "dapo": dict(ratio_level="token", clip_low=0.2, clip_high=0.28, dual_clip_c=10.0,
-                 agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0),
-    "dr_grpo": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=None,
-                    agg="seq-mean-token-sum-norm", kl_coef=0.0, log_ratio_clamp=20.0),
-    "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4, dual_clip_c=None,
-                 agg="seq-mean-token-mean", kl_coef=0.0, log_ratio_clamp=10.0),
-    "gspo_token": dict(ratio_level="sequence_token", clip_low=3e-4, clip_high=4e-4,
-                       dual_clip_c=None, agg="seq-mean-token-mean", kl_coef=0.0,
-                       log_ratio_clamp=10.0),
-    "sppo": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
-                 agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0),
-    "fipo": dict(ratio_level="token", clip_low=0.2, clip_high=0.28, dual_clip_c=10.0,
-                 agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0, decay_rate=32.0,
-                 influence_min=1.0, influence_max=1.2, safety_threshold=10.0,
-                 drop_dual_clipped_sequences=True),
-    "rloo": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
-                 agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0),
-    "remax": dict(ratio_level="token", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
-                  agg="token-mean", kl_coef=0.0, log_ratio_clamp=20.0),
+    "ppo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=3.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
+    "grpo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=None,
+        agg="seq-mean-token-mean",
+        kl_coef=0.04,
+        log_ratio_clamp=20.0,
+    ),
+    "dapo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip_c=10.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
+    "dr_grpo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=None,
+        agg="seq-mean-token-sum-norm",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
+    "gspo": dict(
+        ratio_level="sequence",
+        clip_low=3e-4,
+        clip_high=4e-4,
+        dual_clip_c=None,
+        agg="seq-mean-token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=10.0,
+    ),
+    "gspo_token": dict(
+        ratio_level="sequence_token",
+        clip_low=3e-4,
+        clip_high=4e-4,
+        dual_clip_c=None,
+        agg="seq-mean-token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=10.0,
+    ),
+    "sppo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=3.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
+    "fipo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip_c=10.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+        decay_rate=32.0,
+        influence_min=1.0,
+        influence_max=1.2,
+        safety_threshold=10.0,
+        drop_dual_clipped_sequences=True,
+    ),
+    "rloo": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=3.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
+    "remax": dict(
+        ratio_level="token",
+        clip_low=0.2,
+        clip_high=0.2,
+        dual_clip_c=3.0,
+        agg="token-mean",
+        kl_coef=0.0,
+        log_ratio_clamp=20.0,
+    ),
 }
 for _cfg in POLICY_LOSS_PRESETS.values():
     _cfg.setdefault("kl_estimator", "k3")
     _cfg.setdefault("max_tokens", None)
 
-_FIPO_KEYS = ("decay_rate", "influence_min", "influence_max", "safety_threshold",
-              "drop_dual_clipped_sequences")
+_FIPO_KEYS = (
+    "decay_rate",
+    "influence_min",
+    "influence_max",
+    "safety_threshold",
+    "drop_dual_clipped_sequences",
+)
 # hparams the reference understands; ``chunk_size`` only changes the fast algorithm, not the maths.
 _ALLOWED_HPARAMS = set(POLICY_LOSS_PRESETS["fipo"]) | {"max_tokens", "kl_estimator", "chunk_size"}
 
@@ -64,6 +141,11 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 def _stack_matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.stack(r) for r in rows])
+
+
+def _f(x) -> float:
+    """Python float of a 0-d tensor (detached: used only for decisions and detached weights)."""
+    return float(x.detach())
 
 
 def _valid(mask: torch.Tensor, i: int, t: int) -> bool:
@@ -164,7 +246,7 @@ def ref_aggregate(values, mask, mode, max_tokens=None, total_tokens=None, total_
         N = max(sum(1 for n in row_counts if n >= 1), 1)
     total = _zero(values)
     if mode == "seq-mean-token-mean":
-        for s, n in zip(row_sums, row_counts):
+        for s, n in zip(row_sums, row_counts, strict=True):
             total = total + s / max(n, 1)
         return total / N
     if mode == "seq-mean-token-sum":
@@ -257,8 +339,12 @@ def ref_clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip_c=None):
     """Elementwise ref_clipped_token_loss over a full [B, T] matrix."""
     rows = []
     for i in range(ratio.shape[0]):
-        rows.append([ref_clipped_token_loss(ratio[i, t], adv[i, t], clip_low, clip_high, dual_clip_c)
-                     for t in range(ratio.shape[1])])
+        rows.append(
+            [
+                ref_clipped_token_loss(ratio[i, t], adv[i, t], clip_low, clip_high, dual_clip_c)
+                for t in range(ratio.shape[1])
+            ]
+        )
     return _stack_matrix(rows)
 
 
@@ -346,7 +432,11 @@ def ref_future_kl_scan(log_ratio, mask, decay_rate, dual_clip_c=None):
         row = [None] * T
         running = _zero(log_ratio)
         for t in range(T - 1, -1, -1):
-            term = log_ratio[i, t] if _fipo_keep_token(log_ratio, mask, i, t, dual_clip_c) else _zero(log_ratio)
+            term = (
+                log_ratio[i, t]
+                if _fipo_keep_token(log_ratio, mask, i, t, dual_clip_c)
+                else _zero(log_ratio)
+            )
             running = term + gamma * running
             row[t] = running if _valid(mask, i, t) else _zero(log_ratio)
         rows.append(row)
@@ -357,8 +447,9 @@ def ref_future_kl_scan(log_ratio, mask, decay_rate, dual_clip_c=None):
 # FIPO weights and drop rule
 
 
-def ref_influence_weights(future_kl, adv, log_ratio, mask, influence_min=1.0, influence_max=1.2,
-                          safety_threshold=10.0):
+def ref_influence_weights(
+    future_kl, adv, log_ratio, mask, influence_min=1.0, influence_max=1.2, safety_threshold=10.0
+):
     """f = clip(e^F, f_min, f_max); if A < 0 and e^δ > safety: f = clamp(f, 0.8, 1.0); 1 off-mask; detached (Eq. 7)."""
     B, T = mask.shape
     out = torch.ones(B, T, dtype=future_kl.dtype)
@@ -366,13 +457,17 @@ def ref_influence_weights(future_kl, adv, log_ratio, mask, influence_min=1.0, in
         for t in range(T):
             if not _valid(mask, i, t):
                 continue
-            f = math.exp(float(future_kl[i, t]))
+            f = math.exp(_f(future_kl[i, t]))
             if influence_min is not None and f < influence_min:
                 f = influence_min
             if influence_max is not None and f > influence_max:
                 f = influence_max
-            a = float(_adv_at(adv, i, t))
-            if safety_threshold is not None and a < 0 and math.exp(float(log_ratio[i, t])) > safety_threshold:
+            a = _f(_adv_at(adv, i, t))
+            if (
+                safety_threshold is not None
+                and a < 0
+                and math.exp(_f(log_ratio[i, t])) > safety_threshold
+            ):
                 f = min(max(f, 0.8), 1.0)
             out[i, t] = f
     return out
@@ -386,8 +481,11 @@ def ref_drop_mask(adv, log_ratio, mask, dual_clip_c):
         count = 0
         if dual_clip_c is not None:
             for t in range(T):
-                if (_valid(mask, i, t) and float(_adv_at(adv, i, t)) < 0
-                        and math.exp(float(log_ratio[i, t])) > dual_clip_c):
+                if (
+                    _valid(mask, i, t)
+                    and _f(_adv_at(adv, i, t)) < 0
+                    and math.exp(_f(log_ratio[i, t])) > dual_clip_c
+                ):
                     count += 1
         keep.append(count <= 1)
     return torch.tensor(keep, dtype=torch.bool)
@@ -467,8 +565,8 @@ def ref_sppo_advantages(rewards, value_logits):
     """A = R − sigmoid(z), detached (SPPO Eq. 1)."""
     out = []
     for i in range(rewards.shape[0]):
-        z = float(value_logits[i])
-        out.append(float(rewards[i]) - 1.0 / (1.0 + math.exp(-z)))
+        z = _f(value_logits[i])
+        out.append(_f(rewards[i]) - 1.0 / (1.0 + math.exp(-z)))
     return torch.tensor(out, dtype=rewards.dtype)
 
 
@@ -519,8 +617,17 @@ def ref_token_level_rewards(scores, mask, old=None, ref=None, kl_coef=0.0, estim
 # losses
 
 
-def ref_policy_loss(name, logp, old, adv, mask, ref_logprobs=None, total_tokens=None,
-                    total_sequences=None, **hparams):
+def ref_policy_loss(
+    name,
+    logp,
+    old,
+    adv,
+    mask,
+    ref_logprobs=None,
+    total_tokens=None,
+    total_sequences=None,
+    **hparams,
+):
     """loss = agg_{mask'}(ℓ_clip(w, Ã)) + β·agg_{mask'}(KL); w by ratio level, Ã = A·f (FIPO), mask' = mask minus dropped rows."""
     if name not in POLICY_LOSS_PRESETS:
         raise ValueError(f"unknown policy loss {name!r}")
@@ -552,7 +659,9 @@ def ref_policy_loss(name, logp, old, adv, mask, ref_logprobs=None, total_tokens=
             elif level == "sequence":
                 logw[i, t] = _clamp_sym(seq_lr[i], clamp)
             elif level == "sequence_token":
-                logw[i, t] = _clamp_sym(logp[i, t] - logp[i, t].detach() + seq_lr[i].detach(), clamp)
+                logw[i, t] = _clamp_sym(
+                    logp[i, t] - logp[i, t].detach() + seq_lr[i].detach(), clamp
+                )
             else:
                 raise ValueError(level)
 
@@ -564,10 +673,17 @@ def ref_policy_loss(name, logp, old, adv, mask, ref_logprobs=None, total_tokens=
         for i in range(B):
             for t in range(T):
                 if _valid(mask, i, t):
-                    dl[i, t] = float(_clamp_sym(logp[i, t] - old[i, t], clamp))
+                    dl[i, t] = _f(_clamp_sym(logp[i, t] - old[i, t], clamp))
         F = ref_future_kl_scan(dl, mask, cfg["decay_rate"], cfg["dual_clip_c"])
-        f = ref_influence_weights(F, adv.detach(), dl, mask, cfg["influence_min"],
-                                  cfg["influence_max"], cfg["safety_threshold"])
+        f = ref_influence_weights(
+            F,
+            adv.detach(),
+            dl,
+            mask,
+            cfg["influence_min"],
+            cfg["influence_max"],
+            cfg["safety_threshold"],
+        )
         if cfg["drop_dual_clipped_sequences"] and cfg["dual_clip_c"] is not None:
             keep = ref_drop_mask(adv.detach(), dl, mask, cfg["dual_clip_c"])
             for i in range(B):
@@ -586,16 +702,21 @@ def ref_policy_loss(name, logp, old, adv, mask, ref_logprobs=None, total_tokens=
             if f is not None:
                 a = a * f[i, t]
             w = torch.exp(logw[i, t])
-            row.append(ref_clipped_token_loss(w, a, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip_c"]))
+            row.append(
+                ref_clipped_token_loss(w, a, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip_c"])
+            )
         rows.append(row)
     per_token = _stack_matrix(rows)
-    loss = ref_aggregate(per_token, agg_mask, cfg["agg"], cfg["max_tokens"], total_tokens, total_sequences)
+    loss = ref_aggregate(
+        per_token, agg_mask, cfg["agg"], cfg["max_tokens"], total_tokens, total_sequences
+    )
     if cfg["kl_coef"]:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
         kl = ref_kl(logp, ref_logprobs, mask, cfg["kl_estimator"])
-        loss = loss + cfg["kl_coef"] * ref_aggregate(kl, agg_mask, cfg["agg"], cfg["max_tokens"],
-                                                     total_tokens, total_sequences)
+        loss = loss + cfg["kl_coef"] * ref_aggregate(
+            kl, agg_mask, cfg["agg"], cfg["max_tokens"], total_tokens, total_sequences
+        )
     return loss
 
 
@@ -603,7 +724,11 @@ def ref_bce_value_loss(value_logits, targets, mask=None, agg="token-mean"):
     """ℓ = −[R log σ(z) + (1−R) log(1−σ(z))] = max(z,0) − zR + log(1+e^{−|z|}), aggregated (SPPO Eq. 2)."""
     z2 = value_logits if value_logits.dim() == 2 else value_logits.unsqueeze(1)
     y2 = targets if targets.dim() == 2 else targets.unsqueeze(1)
-    m2 = torch.ones(z2.shape, dtype=torch.bool) if mask is None else (mask if mask.dim() == 2 else mask.unsqueeze(1))
+    m2 = (
+        torch.ones(z2.shape, dtype=torch.bool)
+        if mask is None
+        else (mask if mask.dim() == 2 else mask.unsqueeze(1))
+    )
     rows = []
     for i in range(z2.shape[0]):
         row = []

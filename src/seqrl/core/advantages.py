@@ -123,7 +123,7 @@ def token_level_rewards(
 
     scores [B], mask [B, T] → [B, T]; no gradient (computed from the behaviour policy).
     """
-    scores = scores.detach() if scores.is_floating_point() else scores.float()
+    scores = scores.detach() if scores.is_floating_point() else scores.to(torch.get_default_dtype())
     last = mask.cumsum(dim=-1).eq(mask.sum(dim=-1, keepdim=True)) & mask  # [B, T] last valid token
     rewards = torch.where(
         last, scores[:, None], torch.zeros((), dtype=scores.dtype, device=scores.device)

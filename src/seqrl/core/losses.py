@@ -119,9 +119,41 @@ POLICY_LOSS_DEFAULTS: dict[str, PolicyLossConfig] = {
 POLICY_LOSS_NAMES: tuple[str, ...] = tuple(POLICY_LOSS_DEFAULTS)
 
 
+# Names other frameworks use for our hyperparameters (verl, TRL, ms-swift), for error hints.
+FOREIGN_NAMES = {
+    "loss_agg_mode": "agg",
+    "loss_type": "the policy_loss name",
+    "clip_ratio": "clip_low and clip_high",
+    "clip_ratio_low": "clip_low",
+    "clip_ratio_high": "clip_high",
+    "clip_ratio_c": "dual_clip_c",
+    "epsilon": "clip_low",
+    "epsilon_low": "clip_low",
+    "epsilon_high": "clip_high",
+    "delta": "dual_clip_c",
+    "beta": "kl_coef",
+    "kl_loss_coef": "kl_coef",
+    "kl_loss_type": "kl_estimator",
+    "fipo_decay_rate": "decay_rate",
+    "fipo_safety_threshold": "safety_threshold",
+}
+
+
 def _closest(word: str, options) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    if word in FOREIGN_NAMES:
+        return f"; seqrl calls it {FOREIGN_NAMES[word]!r}"
+    by_lower = {o.lower(): o for o in options}
+    if word.lower() in by_lower:
+        return f"; did you mean {by_lower[word.lower()]!r}?"
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f"; did you mean {by_lower[match[0]]!r}?" if match else ""
+
+
+def _normalizer(agg: str, total_tokens, total_sequences) -> dict:
+    """The mini-batch normaliser the aggregation mode uses (both may be given; see reduce.py)."""
+    if agg == "token-mean":
+        return {"total_tokens": total_tokens}
+    return {"total_sequences": total_sequences}
 
 
 def resolve_policy_loss_config(name: str, **hparams) -> PolicyLossConfig:
@@ -221,7 +253,8 @@ def policy_loss(
 
     logprobs [B, T] carry the gradient; old_logprobs / ref_logprobs [B, T] and advantages [B] or
     [B, T] are treated as constants. ``total_tokens`` / ``total_sequences`` are the optimiser
-    mini-batch's normalisers when this call sees one micro-batch (spec §0.3).
+    mini-batch's normalisers when this call sees one micro-batch (spec §0.3); pass both, e.g.
+    from :func:`seqrl.core.normalizers`, and the aggregation uses the one it needs.
 
     FIPO's sequence-drop rule removes rows from the denominator, and which rows go is only known
     in each micro-batch's forward pass. For exact gradient accumulation with it, pass
@@ -256,11 +289,8 @@ def policy_loss(
     per_token = clipped_surrogate(
         ratio, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c
     )  # [B, T]
-    norm = {
-        "max_tokens": cfg.max_tokens,
-        "total_tokens": total_tokens,
-        "total_sequences": total_sequences,
-    }
+    norm = _normalizer(cfg.agg, total_tokens, total_sequences)
+    norm["max_tokens"] = cfg.max_tokens
     policy = aggregate(per_token, loss_mask, cfg.agg, **norm)
     loss = policy
     metrics["loss/policy"] = policy
@@ -271,7 +301,8 @@ def policy_loss(
             cfg.agg,
             **norm,
         )
-        loss = loss + cfg.kl_coef * kl
+        if cfg.kl_coef:  # with β = 0 the KL is only reported, so an inf there cannot reach the loss
+            loss = loss + cfg.kl_coef * kl
         metrics["loss/kl"] = kl
     metrics.update(_ratio_metrics(ratio, adv, mask, logprobs, old_logprobs, cfg))
     return LossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
@@ -384,9 +415,7 @@ def bce_value_loss(
         per_tok = F.binary_cross_entropy_with_logits(
             value_logits, targets, reduction="none"
         )  # [B, T]
-        loss = aggregate(
-            per_tok, mask, agg, total_tokens=total_tokens, total_sequences=total_sequences
-        )
+        loss = aggregate(per_tok, mask, agg, **_normalizer(agg, total_tokens, total_sequences))
         valid = mask
     with torch.no_grad():
         metrics = {
@@ -423,9 +452,7 @@ def clipped_value_loss(
         err_clipped = (v_clipped - returns).square()
         per_tok = torch.maximum(err, err_clipped)
         clipped_frac = masked_mean((err_clipped > err).to(values.dtype), mask)
-    loss = 0.5 * aggregate(
-        per_tok, mask, agg, total_tokens=total_tokens, total_sequences=total_sequences
-    )
+    loss = 0.5 * aggregate(per_tok, mask, agg, **_normalizer(agg, total_tokens, total_sequences))
     metrics = {
         "critic/loss": loss.detach(),
         "critic/value_clip_frac": clipped_frac.detach(),

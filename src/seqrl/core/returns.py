@@ -110,12 +110,12 @@ def future_kl_quadratic(
     keep = future_kl_participation(log_ratio, mask, dual_clip_c)
     shifts = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))  # [B, L]
     L = shifts.shape[1]
-    log_gamma = math.log(decay_from_rate(decay_rate))
+    gamma = decay_from_rate(decay_rate)
     out = torch.zeros_like(shifts)  # [B, L]
     query = torch.arange(L, device=shifts.device)[:, None]  # [L, 1]
     for start in range(0, L, chunk_size):
         future = torch.arange(start, min(start + chunk_size, L), device=shifts.device)[None, :]
         dist = future - query  # [L, K']
-        weights = torch.exp(dist.clamp(min=0).to(shifts.dtype) * log_gamma) * (dist >= 0)
+        weights = _powers(gamma, dist.clamp(min=0), shifts) * (dist >= 0)
         out = out + shifts[:, start : start + chunk_size] @ weights.T  # [B, K'] @ [K', L]
     return torch.where(mask, out, torch.zeros_like(out))

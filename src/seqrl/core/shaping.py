@@ -28,7 +28,8 @@ def soft_overlong_penalty(
     start = max_response_len - buffer_len
     penalty = (start - lengths.to(torch.float64)) / buffer_len  # [B]
     penalty = penalty.clamp(min=-1.0, max=0.0)
-    return (factor * penalty).to(torch.get_default_dtype())
+    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
+    return (factor * penalty).to(dtype)
 
 
 def overlong_filter_mask(mask: Tensor, truncated: Tensor) -> Tensor:
