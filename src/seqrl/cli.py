@@ -1,18 +1,21 @@
-"""The ``seqrl`` command line."""
+"""The ``seqrl`` command line: train, sft, presets, plot."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import seqrl
-from seqrl.core import FIPO_PRESETS, POLICY_LOSS_DEFAULTS
 
 app = typer.Typer(
     help="seqrl: RL of language models on verifiable rewards (GSPO, SPPO, FIPO and baselines).",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 
 # One line and the paper for every policy-loss preset in seqrl.core.
@@ -46,14 +49,101 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _fail(message: str) -> None:
+    Console(stderr=True, markup=False).print(f"error: {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str | None,
+        typer.Argument(
+            help="YAML run config; none = the embedded default (GSPO, tiny model, addition)"
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="override a config key: --set train.steps=20")
+    ] = [],  # noqa: B006
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run in this run directory")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+) -> None:
+    """Train a policy with RL. With no argument: the embedded CPU demo."""
+    from seqrl.config import ConfigError, load_config, validate_warnings
+    from seqrl.train.trainer import Trainer, TrainingAbortedError
+
+    console = Console()
+    try:
+        if resume is not None:
+            if config or set_:
+                _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
+            trainer = Trainer.resume(resume, console=console, progress=progress)
+        else:
+            cfg = load_config(config, set_)
+            for warning in validate_warnings(cfg):
+                console.print(f"[yellow]warning:[/yellow] {warning}")
+            trainer = Trainer(cfg, console=console, progress=progress)
+        trainer.fit()
+    except (ConfigError, FileNotFoundError, TrainingAbortedError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def sft(
+    out: Annotated[Path, typer.Option(help="where to save the warm-started model (HF format)")],
+    model: Annotated[
+        str, typer.Option(help="starting model: builtin:tiny or a local HF directory")
+    ] = "builtin:tiny",
+    task: Annotated[str, typer.Option(help="addition | scratchpad")] = "addition",
+    digits: Annotated[int, typer.Option(help="operand digits")] = 3,
+    operands: Annotated[int, typer.Option(help="scratchpad: operands per problem")] = 4,
+    task_seed: Annotated[int, typer.Option(help="seed of the task's problem set")] = 1234,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 300,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Supervised warm start on a built-in task (makes the shipped builtin:tiny-addition)."""
+    from seqrl.models import load_policy
+    from seqrl.tasks import get_task
+    from seqrl.train.sft import SFTSettings, run_sft
+
+    kwargs = {"digits": digits, "seed": task_seed} | (
+        {"operands": operands} if task == "scratchpad" else {}
+    )
+    try:
+        the_task = get_task(task, **kwargs)
+        policy, tokenizer = load_policy(model)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    run_sft(
+        policy,
+        tokenizer,
+        the_task,
+        SFTSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
+        out_dir=out,
+    )
+
+
 @app.command()
 def presets() -> None:
-    """List the policy-loss presets: what each is, its paper, and its defaults."""
+    """List the run presets and the policy-loss presets, with their papers and defaults."""
+    from seqrl.config import list_presets
+    from seqrl.core import FIPO_PRESETS, POLICY_LOSS_DEFAULTS
+
     console = Console(markup=False)  # names such as sg[π] are text, not rich markup
+    runs = Table(title="run presets (seqrl train --set preset=NAME, or `preset: NAME` in a YAML)")
+    for column in ("name", "paper", "description"):
+        runs.add_column(column)
+    for name, description, paper in list_presets():
+        runs.add_row(name, paper, description)
+    console.print(runs)
     about = Table(title="seqrl.core.policy_loss presets")
     for column in ("name", "paper", "description"):
         about.add_column(column)
-    defaults = Table(title="defaults (explicit keyword arguments override them)")
+    defaults = Table(title="policy_loss defaults (explicit keyword arguments override them)")
     for column in ("name", "ratio", "clip [low, high]", "dual c", "aggregation", "KL β"):
         defaults.add_column(column)
     for name, cfg in POLICY_LOSS_DEFAULTS.items():
@@ -72,6 +162,19 @@ def presets() -> None:
     console.print(
         f"FIPO settings, policy_loss('fipo', **FIPO_PRESETS[key]): {', '.join(FIPO_PRESETS)}"
     )
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>)")]) -> None:
+    """Draw reward, accuracy, length and clip-fraction curves into RUN_DIR/plots/."""
+    from seqrl.train.plots import plot_run
+
+    try:
+        written = plot_run(run_dir)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command()

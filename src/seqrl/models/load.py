@@ -1,0 +1,163 @@
+"""Load and save policies: built-in tiny models or any local Hugging Face causal-LM directory.
+
+Nothing is ever downloaded: a spec is either ``builtin:<name>`` or an existing local directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from seqrl.models.tiny import build_tiny_model, set_generation_ids
+from seqrl.models.tokenizer import build_tokenizer
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+"""Where shipped checkpoints live (``src/seqrl/assets/<name>/``)."""
+
+BUILTIN_PREFIX = "builtin:"
+
+BUILTINS: dict[str, str] = {
+    "tiny": "randomly initialised tiny Qwen2 (~1.6M params, seed 0) with the character tokenizer",
+    "tiny-addition": "the tiny model after supervised warm start on addition (shipped checkpoint)",
+    "nano": "randomly initialised nano Qwen2 (~0.1M params, seed 0), for fast tests",
+}
+"""Built-in policy name → description (use as ``builtin:<name>``)."""
+
+_SHIPPED = {"tiny-addition": "seqrl sft --out src/seqrl/assets/tiny-addition"}
+"""Built-ins that are checkpoints under :data:`ASSETS_DIR`, with the command that makes each."""
+
+_GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+"""``tokenizer_class`` values meaning "the pipeline is exactly tokenizer.json"."""
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch.dtype) → torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def list_builtins() -> list[str]:
+    """The valid ``builtin:<name>`` specs."""
+    return [BUILTIN_PREFIX + name for name in BUILTINS]
+
+
+def _builtins_hint() -> str:
+    return "built-in policies: " + ", ".join(list_builtins())
+
+
+def _builtin_dir(name: str) -> Path:
+    """The checkpoint directory of a shipped built-in, or FileNotFoundError saying how to make it."""
+    path = ASSETS_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the checkpoint for 'builtin:{name}' is missing (expected {path}/config.json); "
+            f"make it with `{_SHIPPED[name]}`"
+        )
+    return path
+
+
+def load_policy(
+    spec: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from ``builtin:<name>`` or a local HF causal-LM directory.
+
+    The model is returned in eval mode with ``dtype`` on ``device`` (CPU when None); the tokenizer
+    pads on the left and has a pad token (the EOS token when the checkpoint defines none).
+    Raises FileNotFoundError for an unknown built-in, a missing shipped checkpoint or a path that
+    is not an existing directory (the message lists the built-ins).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    spec_str = str(spec)
+    if spec_str.startswith(BUILTIN_PREFIX):
+        name = spec_str[len(BUILTIN_PREFIX) :]
+        if name not in BUILTINS:
+            raise FileNotFoundError(f"unknown built-in policy {spec_str!r}; {_builtins_hint()}")
+        if name in _SHIPPED:
+            model, tok = _load_dir(_builtin_dir(name), torch_dtype)
+        else:
+            tok = build_tokenizer()
+            model = build_tiny_model(tok, size=name, seed=0).to(torch_dtype)
+    else:
+        path = Path(spec_str).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"policy {spec_str!r} is not an existing local directory (seqrl never downloads "
+                f"from a hub); give a Hugging Face model directory or one of the {_builtins_hint()}"
+            )
+        model, tok = _load_dir(path, torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Tokenizer + AutoModelForCausalLM from a local directory (the path real models take)."""
+    tok = _load_tokenizer(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    set_generation_ids(model, tok)
+    return model, tok
+
+
+def _declared_tokenizer_class(path: Path) -> str | None:
+    """The ``tokenizer_class`` in ``path/tokenizer_config.json`` (None when absent/unreadable)."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except for directories that declare a generic tokenizer.json tokenizer.
+
+    transformers 5 ignores a declared ``TokenizersBackend`` for ``model_type: qwen2`` and builds
+    ``Qwen2Tokenizer`` (byte-level BPE) from the vocabulary alone, which would silently turn the
+    seqrl character tokenizer into a different one. A directory whose tokenizer_config.json says
+    its tokenizer is exactly ``tokenizer.json`` is therefore loaded as such.
+    """
+    if (
+        _declared_tokenizer_class(path) in _GENERIC_TOKENIZER_CLASSES
+        and (path / "tokenizer.json").is_file()
+    ):
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def save_policy(model: Any, tok: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """``save_pretrained`` of model (safetensors, with its generation config) and tokenizer.
+
+    Creates ``out_dir`` if needed and returns it; :func:`load_policy` reads it back.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,106 @@
+"""The reference sampler on transformers' ``generate`` (KV cache, temperature, top-p).
+
+The sampler is where the response mask is made: True on every sampled token up to and including
+the first EOS, False on the padding after it. It also returns its own log-probs of the sampled
+tokens under the distribution it sampled from (temperature and top-p applied), so a trainer can
+use them as π_old (GSPO §5.4) instead of recomputing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """B = P·G sampled responses; rows i·G … i·G + G − 1 share prompt i."""
+
+    prompt_ids: Tensor  # [B, Lp] left-padded
+    prompt_mask: Tensor  # [B, Lp] bool, True = real prompt token
+    response_ids: Tensor  # [B, T] right-padded with pad_token_id
+    response_mask: Tensor  # [B, T] bool, True = sampled token (EOS included)
+    sampler_logprobs: Tensor  # [B, T] float32, log μ(y_t), 0 where response_mask is False
+    truncated: Tensor  # [B] bool, True = no EOS within the token budget
+    group_size: int
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.response_mask.sum(dim=-1)  # [B]
+
+
+class Sampler(Protocol):
+    def generate(
+        self, prompts: list[str], *, group_size: int, greedy: bool = False
+    ) -> RolloutBatch: ...
+
+
+def response_mask_from_tokens(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    """(mask [B, T], truncated [B]): True up to and including the first EOS of each row."""
+    is_eos = response_ids == eos_token_id  # [B, T]
+    eos_before = is_eos.cumsum(dim=-1) - is_eos.long()  # [B, T] EOS count strictly before t
+    mask = eos_before == 0
+    truncated = ~is_eos.any(dim=-1)
+    return mask, truncated
+
+
+class HFSampler:
+    """Sampler on ``model.generate``; ``temperature`` and ``top_p`` as in the rollout config."""
+
+    def __init__(
+        self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0
+    ) -> None:
+        if tokenizer.padding_side != "left":
+            raise ValueError(
+                "generation needs a left-padding tokenizer (tokenizer.padding_side='left')"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = self.model.device
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        group_size: int,
+        greedy: bool = False,
+        temperature: float | None = None,
+    ) -> RolloutBatch:
+        """Sample ``group_size`` responses per prompt (or one greedy response each)."""
+        repeated = [p for p in prompts for _ in range(group_size)]
+        prompt_ids, prompt_mask = self.encode(repeated)  # [B, Lp]
+        temperature = self.temperature if temperature is None else temperature
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else self.top_p,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        self.model.train(was_training)
+        response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
+        mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
+        scores = torch.stack(out.scores, dim=1).float()  # [B, T, V] processed logits
+        logprobs = (
+            torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        )
+        logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # [B, T]
+        return RolloutBatch(
+            prompt_ids, prompt_mask, response_ids, mask, logprobs, truncated, group_size
+        )

@@ -1,0 +1,112 @@
+"""Metric logging: metrics.jsonl (+ TensorBoard when installed), samples.jsonl; rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+class MetricAccumulator:
+    """Collect per-micro-batch metric tensors during a step; one ``.item()`` pass at the end."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().double()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._counts[key] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / self._counts[k]).item() for k, v in self._sums.items()}
+
+
+def quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
+    """{prefix/min, q25, mean, median, q75, max} of a 1-d tensor."""
+    v = values.double()
+    if v.numel() == 0:
+        return {}
+    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {
+        f"{prefix}/min": v.min().item(),
+        f"{prefix}/q25": q[0].item(),
+        f"{prefix}/mean": v.mean().item(),
+        f"{prefix}/median": q[1].item(),
+        f"{prefix}/q75": q[2].item(),
+        f"{prefix}/max": v.max().item(),
+    }
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as strings so a bad step stays visible and parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    """Writes one JSON object per step to metrics.jsonl, a few samples to samples.jsonl."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: str | bool = "auto"):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            except ImportError:
+                if tensorboard is True:
+                    raise ImportError(
+                        "log.tensorboard is true but tensorboard is not installed; "
+                        "pip install 'seqrl[tensorboard]' or set log.tensorboard=auto"
+                    ) from None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (used on resume, so no step is logged twice)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

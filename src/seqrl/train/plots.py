@@ -1,0 +1,87 @@
+"""PNG plots of a run's metrics.jsonl: ``seqrl plot RUN_DIR`` → RUN_DIR/plots/*.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from seqrl.train.metrics import read_metrics
+
+PANELS = {
+    "reward": ("reward", ["reward/mean"]),
+    "accuracy": ("held-out accuracy", ["eval/greedy_acc", "eval/sampled_acc"]),
+    "length": (
+        "response length (tokens)",
+        ["response_len/mean", "response_len/median", "response_len/max"],
+    ),
+    "clip": (
+        "clip fractions",
+        [
+            "policy/clip_frac",
+            "policy/clip_frac_low",
+            "policy/clip_frac_high",
+            "policy/dual_clip_frac",
+            "policy/seq_clip_frac",
+        ],
+    ),
+    "kl_entropy": ("policy KL to π_old and entropy", ["policy/kl_old", "policy/entropy"]),
+    "fipo": ("FIPO influence weights", ["fipo/weight_mean", "fipo/weight_above_1_frac"]),
+    "time": ("seconds per step", ["time/step_s", "time/rollout_s", "time/train_s"]),
+}
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write one PNG per panel that has data, plus overview.png; returns the paths written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a seqrl run directory?")
+    records = read_metrics(run_dir)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    drawn = {
+        name: (title, [k for k in keys if _series(records, k)[0]])
+        for name, (title, keys) in PANELS.items()
+    }
+    drawn = {name: v for name, v in drawn.items() if v[1]}
+    written = []
+    for name, (title, keys) in drawn.items():
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        _draw(ax, records, title, keys)
+        written.append(out_dir / f"{name}.png")
+        fig.tight_layout()
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if drawn:
+        cols = 2
+        rows = -(-len(drawn) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(12, 3.4 * rows), squeeze=False)
+        for ax, (title, keys) in zip(axes.flat, drawn.values(), strict=False):
+            _draw(ax, records, title, keys)
+        for ax in list(axes.flat)[len(drawn) :]:
+            ax.axis("off")
+        fig.suptitle(run_dir.name)
+        fig.tight_layout()
+        written.append(out_dir / "overview.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def _draw(ax, records: list[dict], title: str, keys: list[str]) -> None:
+    for key in keys:
+        steps, values = _series(records, key)
+        marker = "o" if key.startswith("eval/") else None
+        ax.plot(steps, values, label=key, marker=marker, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -1,0 +1,178 @@
+"""One RL step after the rollout: log-probs, advantages, and the minibatch updates.
+
+rollout (B = P·G rows) ─► rewards [B] ─► advantages [B]
+    ─► old log-probs (recomputed at θ_old, or the sampler's) and reference log-probs
+    ─► for epoch: for minibatch: for micro-batch: core.policy_loss → backward
+           clip grad, optimizer step   (skipped, and counted, if anything is non-finite)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import seqrl.core as C
+from seqrl.rollout import RolloutBatch
+from seqrl.train.metrics import MetricAccumulator
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The parts of the run config one update needs (no config object enters this module)."""
+
+    loss_name: str
+    loss_overrides: dict
+    num_minibatches: int
+    ppo_epochs: int
+    micro_batch_size: int
+    grad_clip: float
+    temperature: float
+
+
+def _trim(ids: Tensor, mask: Tensor, *, left: bool) -> tuple[Tensor, Tensor]:
+    """Drop columns that are padding in every row (left for prompts, right for responses)."""
+    used = mask.any(dim=0).nonzero()
+    if used.numel() == 0:
+        return ids[:, :1], mask[:, :1]
+    lo, hi = (int(used[0]), ids.shape[1]) if left else (0, int(used[-1]) + 1)
+    return ids[:, lo:hi], mask[:, lo:hi]
+
+
+def response_logprobs(
+    model, batch: RolloutBatch, rows: Tensor, *, temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """log π(y_t | x, y_<t) at the sampled tokens for ``rows`` of the batch: [b, T] (+ entropy [b, T]).
+
+    The same left-padded prompt and position ids as generation, so at θ_old these match the
+    sampler's log-probs up to float rounding. Columns that are padding in all ``rows`` are
+    trimmed first; the result is padded back to the batch's T with zeros.
+    """
+    prompt_ids, prompt_mask = _trim(batch.prompt_ids[rows], batch.prompt_mask[rows], left=True)
+    resp_ids, resp_mask = _trim(batch.response_ids[rows], batch.response_mask[rows], left=False)
+    T = resp_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, resp_ids], dim=1)  # [b, Lp + T]
+    attention = torch.cat([prompt_mask, resp_mask], dim=1)  # [b, Lp + T]
+    positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention.long(),
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=T + 1,
+    )
+    logits = out.logits[:, :-1].float()  # [b, T, V]  position t predicts response token t
+    logprobs = C.token_logprobs(logits, resp_ids, temperature=temperature)  # [b, T]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = C.token_entropy(logits, temperature=temperature)
+    pad = batch.response_ids.shape[1] - T
+    logprobs = torch.nn.functional.pad(logprobs, (0, pad))
+    if entropy is not None:
+        entropy = torch.nn.functional.pad(entropy, (0, pad))
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model, batch: RolloutBatch, *, temperature: float, micro_batch_size: int
+) -> Tensor:
+    """Log-probs of every row under ``model`` (no gradient), in micro-batches: [B, T]."""
+    B = batch.response_ids.shape[0]
+    parts = [
+        response_logprobs(
+            model, batch, torch.arange(s, min(s + micro_batch_size, B)), temperature=temperature
+        )[0]
+        for s in range(0, B, micro_batch_size)
+    ]
+    return torch.cat(parts) if parts else batch.sampler_logprobs.clone()
+
+
+def compute_advantages(
+    kind: str, rewards: Tensor, group_size: int, *, eps: float, greedy_rewards: Tensor | None = None
+) -> Tensor:
+    """Sequence-level advantages [B] for the estimators a config can name."""
+    if kind == "group":
+        return C.group_advantages(rewards, group_size, eps=eps)
+    if kind == "group_centered":
+        return C.group_centered_advantages(rewards, group_size)
+    if kind == "rloo":
+        return C.rloo_advantages(rewards, group_size)
+    if kind == "remax":
+        if greedy_rewards is None:
+            raise ValueError("remax needs the rewards of the greedy responses")
+        return C.remax_advantages(rewards, greedy_rewards.repeat_interleave(group_size))
+    raise ValueError(f"unknown advantage estimator {kind!r}")
+
+
+def update_policy(
+    model,
+    optimizer: torch.optim.Optimizer,
+    batch: RolloutBatch,
+    advantages: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    settings: UpdateSettings,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], int]:
+    """``ppo_epochs`` × ``num_minibatches`` optimizer steps on one rollout.
+
+    Returns (metrics averaged over micro-batches, number of skipped non-finite updates).
+    The loss normaliser is the minibatch's (``total_tokens`` / ``total_sequences``), so
+    the micro-batch size does not change the gradient (spec §0.3).
+    """
+    cfg = C.resolve_policy_loss_config(settings.loss_name, **settings.loss_overrides)
+    drop_rule = cfg.future_kl_weights and cfg.drop_dual_clipped_sequences
+    B = batch.response_ids.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc, skipped = MetricAccumulator(), 0
+    model.train()
+    for _ in range(settings.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for minibatch in order.chunk(settings.num_minibatches):
+            mask = batch.response_mask[minibatch]
+            total_tokens, total_sequences = C.normalizers(mask)
+            if (
+                drop_rule
+            ):  # exact accumulation with FIPO's drop rule: sum, then divide (see policy_loss)
+                total_tokens = torch.ones((), dtype=torch.float32)
+            kept_tokens = torch.zeros((), dtype=torch.float64)
+            finite = True
+            for micro in minibatch.split(settings.micro_batch_size):
+                logprobs, entropy = response_logprobs(
+                    model, batch, micro, temperature=settings.temperature, with_entropy=True
+                )
+                out = C.policy_loss(
+                    settings.loss_name,
+                    logprobs=logprobs,
+                    old_logprobs=old_logprobs[micro],
+                    advantages=advantages[micro],
+                    mask=batch.response_mask[micro],
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
+                    total_tokens=total_tokens,
+                    total_sequences=total_sequences,
+                    **settings.loss_overrides,
+                )
+                finite &= bool(torch.isfinite(out.loss))
+                out.loss.backward()
+                if drop_rule:
+                    kept_tokens += out.metrics["fipo/kept_tokens"].double()
+                acc.add(
+                    out.metrics
+                    | {"policy/entropy": C.masked_mean(entropy, batch.response_mask[micro])}
+                )
+            if drop_rule and kept_tokens > 0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(kept_tokens.item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            if finite and math.isfinite(grad_norm.item()):
+                optimizer.step()
+                acc.add({"policy/grad_norm": grad_norm})
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    return acc.means(), skipped

@@ -1,0 +1,318 @@
+"""seqrl.config: presets, inheritance, overrides, error messages, warnings, YAML round trip."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import seqrl.config as config_module
+from seqrl.config import (
+    PRESET_INFO,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    list_presets,
+    load_config,
+    parse_override,
+    validate_warnings,
+)
+from seqrl.core import POLICY_LOSS_DEFAULTS, resolve_policy_loss_config
+
+PRESETS = [name for name, _, _ in list_presets()]
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_preset_files_match_preset_info():
+    shipped = {p.name.removesuffix(".yaml") for p in config_module._presets_dir().iterdir()}
+    assert shipped == set(PRESET_INFO) == set(PRESETS)
+    assert PRESETS[0] == "default"
+    for name, description, paper in list_presets():
+        assert description and paper.startswith("arXiv "), name
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_validates_and_has_no_warnings(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, RunConfig)
+    loss = cfg.resolved_loss()
+    assert loss == resolve_policy_loss_config(cfg.algo.name, **cfg.algo.loss)
+    assert validate_warnings(cfg) == []
+    # the preset is a packaged file too: `preset: NAME` in a YAML gives the same config
+    assert config_from_dict({"preset": name}) == cfg
+
+
+def test_preset_contents_follow_the_papers():
+    default, gspo = load_config(None), load_config("gspo")
+    assert default == load_config("default")
+    assert default.algo.name == "gspo" and default.task.name == "addition"
+    assert gspo.algo.num_minibatches == 4
+    assert load_config("gspo_token").resolved_loss().ratio_level == "sequence_token"
+    assert load_config("gspo_token").algo.num_minibatches == 4
+
+    grpo = load_config("grpo")
+    assert grpo.resolved_loss().kl_coef == 0.04 and grpo.model.reference is None
+
+    dapo = load_config("dapo").resolved_loss()
+    assert (dapo.clip_low, dapo.clip_high, dapo.dual_clip_c, dapo.agg) == (
+        0.2,
+        0.28,
+        10.0,
+        "token-mean",
+    )
+
+    dr = load_config("dr_grpo")
+    assert dr.algo.advantage == "group_centered"
+    assert dr.resolved_loss().max_tokens == dr.rollout.max_new_tokens
+
+    remax, rloo = load_config("remax"), load_config("rloo")
+    assert (remax.rollout.group_size, remax.algo.advantage) == (1, "remax")
+    assert rloo.algo.advantage == "rloo" and rloo.rollout.group_size >= 2
+    for name in PRESETS:  # tiny-model learning rates, not the papers' 1e-6
+        assert 1e-4 <= load_config(name).optim.lr <= 3e-4
+
+
+# --------------------------------------------------------------------------- inheritance
+
+
+def test_preset_inheritance_deep_merges_child_wins(tmp_path):
+    path = _write(
+        tmp_path,
+        "preset: default\nrollout:\n  group_size: 4\nalgo:\n  loss:\n    clip_high: 5.0e-4\n",
+    )
+    cfg = load_config(path)
+    base = load_config("default")
+    assert cfg.rollout.group_size == 4
+    assert cfg.rollout.prompts_per_step == base.rollout.prompts_per_step  # merged, not replaced
+    assert cfg.algo.num_minibatches == 4  # from gspo, two presets up
+    assert dict(cfg.algo.loss) == {"clip_high": 5e-4}
+    assert cfg.resolved_loss().clip_low == POLICY_LOSS_DEFAULTS["gspo"].clip_low
+
+
+def test_a_file_without_preset_starts_from_the_schema_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, "seed: 3\n"))
+    assert cfg == RunConfig(seed=3)
+    assert load_config(_write(tmp_path, "", "empty.yaml")) == RunConfig()
+
+
+def test_override_replaces_a_mapping_and_can_swap_the_preset():
+    cfg = load_config("dr_grpo", ["algo.name=grpo", "algo.loss={}"])
+    assert cfg.algo.name == "grpo" and dict(cfg.algo.loss) == {}
+    assert load_config(None, ["preset=rloo"]) == load_config("rloo")
+
+
+def test_unknown_preset_suggests_the_closest(tmp_path):
+    message = _error(_write(tmp_path, "preset: gspoo\n"))
+    assert "unknown preset 'gspoo'" in message and "did you mean 'gspo'?" in message
+    assert "did you mean 'dr_grpo'?" in _error(None, ["preset=dr_grpoo"])
+    assert "did you mean 'remax'?" in _error("remx")
+
+
+def test_preset_cycle_is_detected(tmp_path, monkeypatch):
+    _write(tmp_path, "preset: b\nseed: 1\n", "a.yaml")
+    _write(tmp_path, "preset: a\n", "b.yaml")
+    monkeypatch.setattr(config_module, "_presets_dir", lambda: tmp_path)
+    message = _error(None, ["preset=a"])
+    assert "preset cycle" in message and "'a' → 'b' → 'a'" in message
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_override_values_are_parsed_as_yaml_with_plain_floats():
+    assert parse_override("optim.lr=1e-4") == (("optim", "lr"), 1e-4)
+    assert parse_override("optim.lr=3.0e-4")[1] == 3e-4
+    assert parse_override("algo.loss.max_tokens=1e3")[1] == 1000.0
+    assert parse_override("model.reference=null")[1] is None
+    assert parse_override("optim.betas=[0.9, 0.95]")[1] == [0.9, 0.95]
+    assert parse_override("name = my-run")[1] == "my-run"
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=1e-4",
+            "algo.loss.clip_high=4e-4",
+            "model.reference=null",
+            "optim.betas=[0.8, 0.95]",
+            "train.steps=10",
+            "name=2024",
+        ],
+    )
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.resolved_loss().clip_high == 4e-4
+    assert cfg.model.reference is None
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.train.steps == 10 and cfg.name == "2024"
+
+
+def test_floats_in_yaml_files_need_no_dot(tmp_path):
+    cfg = load_config(
+        _write(tmp_path, "optim:\n  lr: 1e-4\n  eps: 1E-8\nalgo:\n  loss:\n    clip_low: 3.0e-4\n")
+    )
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.resolved_loss().clip_low) == (1e-4, 1e-8, 3e-4)
+
+
+def test_malformed_overrides_are_clear():
+    assert "not of the form key=value" in _error(None, ["train.steps"])
+    assert "write 'train.steps=null'" in _error(None, ["train.steps="])
+    assert "not a dotted key" in _error(None, ["train..steps=3"])
+    assert "'rollout.group_size' is int" in _error(None, ["rollout.group_size.x=1"])
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("seeed=1", "unknown key 'seeed'; did you mean 'seed'?"),
+        (
+            "rollout.group_sise=4",
+            "unknown key 'rollout.group_sise'; did you mean 'rollout.group_size'?",
+        ),
+        (
+            "algo.loss.clip_hihg=0.3",
+            "unknown key 'algo.loss.clip_hihg'; did you mean 'algo.loss.clip_high'?",
+        ),
+        ("algo.kl_coef=0.1", "did you mean 'algo.loss.kl_coef'?"),
+        ("train.lr=1e-3", "did you mean 'optim.lr'?"),
+        ("algo.loss.loss_agg_mode=token-mean", "seqrl calls it 'algo.loss.agg'"),
+        ("optim.learning_rate=1e-3", "seqrl calls it 'optim.lr'"),
+    ],
+)
+def test_misspelt_override_key_names_the_closest(override, expected):
+    message = _error(None, [override])
+    assert expected in message
+    assert f"(override {override!r})" in message
+
+
+def test_misspelt_keys_in_a_file_name_the_closest_and_the_file(tmp_path):
+    path = _write(
+        tmp_path,
+        "preset: gspo\nrolout:\n  group_size: 4\nrollout:\n  group_sise: 4\n"
+        "algo:\n  loss:\n    clip_hihg: 4.0e-4\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert len(problems) == 3 and all(str(path) in p for p in problems)
+    text = "\n".join(problems)
+    assert "unknown key 'rolout'; did you mean 'rollout'?" in text
+    assert "unknown key 'rollout.group_sise'; did you mean 'rollout.group_size'?" in text
+    assert "unknown key 'algo.loss.clip_hihg'; did you mean 'algo.loss.clip_high'?" in text
+
+
+def test_bad_values_name_the_dotted_key():
+    message = _error(None, ["rollout.group_size=abc", "optim.betas=[0.9, x]", "train.steps=0"])
+    assert "rollout.group_size: Input should be a valid integer" in message
+    assert "optim.betas[1]:" in message
+    assert "train.steps: Input should be greater than or equal to 1" in message
+    assert "rollout: expected a section" in _error(None, ["rollout=5"])
+    assert "did you mean 'addition'?" in _error(None, ["task.name=additon"])
+    assert "algo.name: unknown algorithm 'gspoo'; did you mean 'gspo'?" in _error(
+        None, ["algo.name=gspoo"]
+    )
+
+
+def test_invalid_loss_values_are_caught_at_load():
+    message = _error(None, ["algo.loss.dual_clip_c=1.0001"])
+    assert "algo.loss (algo.name='gspo'): dual_clip_c must exceed" in message
+    assert "only apply to FIPO" in _error(None, ["algo.loss.decay_rate=8"])
+    assert "algo.loss.agg: must be one of" in _error(None, ["algo.loss.agg=token-sum"])
+    assert "algo.loss.kl_coef must be >= 0" in _error(None, ["algo.loss.kl_coef=-1"])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = _write(tmp_path, "seed: 1\nrollout:\n  group_size: [4\n")
+    message = _error(path)
+    assert str(path) in message and "invalid YAML at line" in message
+    assert "duplicate key 'seed'" in _error(_write(tmp_path, "seed: 1\nseed: 2\n", "dup.yaml"))
+    assert "top level must be a mapping" in _error(_write(tmp_path, "- 1\n", "list.yaml"))
+    assert "config file not found" in _error(tmp_path / "missing.yaml")
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+
+def test_dr_grpo_without_max_tokens_suggests_the_override():
+    message = _error(None, ["algo.name=dr_grpo", "rollout.max_new_tokens=12"])
+    assert "algo.loss.max_tokens=12" in message
+    assert "algo.loss.max_tokens=" in _error(None, ["algo.name=dr_grpo"])
+    assert "only applies to agg='seq-mean-token-sum-norm'" in _error("dr_grpo", ["algo.name=grpo"])
+
+
+def test_batch_and_group_checks():
+    message = _error(None, ["rollout.prompts_per_step=3", "rollout.group_size=3"])
+    assert "algo.num_minibatches=4" in message and "divisors of 9: 1, 3, 9" in message
+    message = _error("rloo", ["rollout.group_size=1", "rollout.prompts_per_step=8"])
+    assert "algo.advantage='rloo' needs rollout.group_size >= 2" in message
+    assert load_config("remax", ["rollout.group_size=4"]).rollout.group_size == 4
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def _warnings(*overrides) -> str:
+    return "\n".join(validate_warnings(load_config("gspo", list(overrides))))
+
+
+def test_warnings_for_gspo_misconfigurations():
+    assert "algo.loss.agg='token-mean'" in _warnings("algo.loss.agg=token-mean")
+    assert "~3e-4/4e-4" in _warnings("algo.loss.clip_low=0.2", "algo.loss.clip_high=0.2")
+    assert "fully on-policy" in _warnings("algo.num_minibatches=1")
+    assert _warnings("algo.num_minibatches=1", "rollout.old_logprobs_source=sampler") == ""
+    assert "fully on-policy" in _warnings("algo.name=fipo", "algo.num_minibatches=1")
+    assert "fully on-policy" not in _warnings("algo.name=dapo", "algo.num_minibatches=1")
+    assert "every advantage is 0" in _warnings("rollout.group_size=1", "rollout.prompts_per_step=8")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_to_yaml_round_trips(tmp_path, name):
+    cfg = load_config(name, ["name=run1", "algo.loss.log_ratio_clamp=null", "optim.lr=2e-4"])
+    again = load_config(_write(tmp_path, cfg.to_yaml()))
+    assert again == cfg and hash(again) == hash(cfg)
+    assert again.to_yaml() == cfg.to_yaml()
+
+
+def test_loss_overrides_keep_only_explicit_fields():
+    dapo = load_config("dapo")
+    assert dict(dapo.algo.loss) == {} and "dual_clip_c" not in dapo.algo.loss
+    off = load_config("dapo", ["algo.loss.dual_clip_c=null"])
+    assert dict(off.algo.loss) == {"dual_clip_c": None}
+    assert off != dapo  # an explicit None is not the same as leaving the preset's 10
+    assert off.resolved_loss() == dataclasses.replace(
+        POLICY_LOSS_DEFAULTS["dapo"], dual_clip_c=None
+    )
+    assert off.model_dump()["algo"]["loss"] == {"dual_clip_c": None}
+
+
+def test_configs_are_frozen_and_strict():
+    cfg = load_config(None)
+    with pytest.raises(ValidationError):
+        cfg.seed = 1
+    with pytest.raises(ValidationError):
+        RunConfig(sed=1)
+
+
+def test_run_name_and_with_overrides():
+    cfg = load_config(None)
+    assert cfg.run_name.startswith("gspo-") and cfg.run_name == cfg.run_name
+    named = cfg.with_overrides([f"name={cfg.run_name}"])
+    assert named.name == named.run_name == cfg.run_name
+    assert named.with_overrides(["name=null"]) == cfg
