@@ -50,7 +50,7 @@ def _fmt(value) -> str:
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True, markup=False).print(f"error: {message}")
+    Console(stderr=True, markup=False).print(f"error: {message}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -11,6 +11,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,6 +235,7 @@ class Trainer:
                 self.ref_model, batch, temperature=temperature, micro_batch_size=micro
             )
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        lr = self.optimizer.param_groups[0]["lr"]
         train_metrics, skipped = update_policy(
             self.model,
             self.optimizer,
@@ -244,17 +246,18 @@ class Trainer:
             self.update_settings,
             generator,
         )
-        self.scheduler.step()
+        with warnings.catch_warnings():  # all updates skipped (non-finite) still advance the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         t_step = time.perf_counter() - t0
 
-        self._count_nonfinite(skipped)
         lengths = batch.lengths.double()
         metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "train/accuracy": (rewards > 0).double().mean().item(),
             "train/truncated_frac": batch.truncated.double().mean().item(),
-            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/lr": lr,
             "train/nonfinite_skipped": float(skipped),
             **quantiles(lengths, "response_len"),
             **train_metrics,
@@ -353,6 +356,7 @@ class Trainer:
                     self.state.step = step
                     self.state.wall_time_s = time.perf_counter() - start_wall
                     self.logger.log(step, metrics)
+                    self._count_nonfinite(int(metrics["train/nonfinite_skipped"]))
                     if (
                         cfg.train.eval_every
                         and step % cfg.train.eval_every == 0
