@@ -23,7 +23,7 @@ class RolloutBatch:
     prompt_mask: Tensor  # [B, Lp] bool, True = real prompt token
     response_ids: Tensor  # [B, T] right-padded with pad_token_id
     response_mask: Tensor  # [B, T] bool, True = sampled token (EOS included)
-    sampler_logprobs: Tensor  # [B, T] float32, log μ(y_t), 0 where response_mask is False
+    sampler_logprobs: Tensor  # [B, T] (float32 or wider), log μ(y_t), 0 where response_mask is False
     truncated: Tensor  # [B] bool, True = no EOS within the token budget
     group_size: int
 
@@ -96,7 +96,9 @@ class HFSampler:
         self.model.train(was_training)
         response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
         mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
-        scores = torch.stack(out.scores, dim=1).float()  # [B, T, V] processed logits
+        scores = torch.stack(out.scores, dim=1)  # [B, T, V] processed logits
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
         logprobs = (
             torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         )

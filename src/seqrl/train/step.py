@@ -63,8 +63,9 @@ def response_logprobs(
         use_cache=False,
         logits_to_keep=T + 1,
     )
-    logits = out.logits[:, :-1].float()  # [b, T, V]  position t predicts response token t
+    logits = out.logits[:, :-1]  # [b, T, V]  position t predicts response token t (fp32+ inside)
     logprobs = C.token_logprobs(logits, resp_ids, temperature=temperature)  # [b, T]
+    logprobs = torch.where(resp_mask, logprobs, torch.zeros_like(logprobs))
     entropy = None
     if with_entropy:
         with torch.no_grad():
