@@ -99,7 +99,6 @@ def main() -> None:
         "rollout.max_new_tokens=16",
         "algo.num_minibatches=1",
         "algo.micro_batch_size=64",
-        "train.eval_samples=0",
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)
     prompts = [e.prompt for e in trainer.step_prompts(1)]

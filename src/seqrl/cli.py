@@ -45,6 +45,15 @@ LOSS_PRESET_INFO: dict[str, tuple[str, str]] = {
 }
 
 
+@app.callback()
+def _quiet_transformers() -> None:
+    """seqrl draws its own progress; silence transformers' per-file bars and info logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -67,7 +67,7 @@ def run_sft(
     console = console or Console()
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    train = task.examples("train", settings.train_size)
+    train = task.examples("train", min(settings.train_size, task.max_examples("train")))
     held_out = task.examples("test", settings.eval_size)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
