@@ -17,8 +17,8 @@ import statistics
 import time
 
 import torch
-from seqrl.config import load_config
 
+from seqrl.config import load_config
 from seqrl.train.step import batch_logprobs, compute_advantages, update_policy
 from seqrl.train.trainer import Trainer
 

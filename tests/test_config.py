@@ -83,7 +83,7 @@ def test_preset_contents_follow_the_papers():
     assert (remax.rollout.group_size, remax.algo.advantage) == (1, "remax")
     assert rloo.algo.advantage == "rloo" and rloo.rollout.group_size >= 2
     for name in PRESETS:  # tiny-model learning rates, not the papers' 1e-6
-        assert 1e-4 <= load_config(name).optim.lr <= 3e-4
+        assert 1e-5 <= load_config(name).optim.lr <= 3e-4  # tiny-model scale; papers use ~1e-6
 
 
 # --------------------------------------------------------------------------- inheritance

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from seqrl.config import list_presets, load_config
+from seqrl.models import load_policy
 from seqrl.train import checkpoint as ckpt
 from seqrl.train.trainer import Trainer, TrainingAbortedError
 
@@ -26,7 +27,12 @@ def _run(overrides, steps=2):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_trains_end_to_end(preset, fast_overrides):
-    overrides = [f"preset={preset}", *fast_overrides]
+    overrides = [
+        f"preset={preset}",
+        *fast_overrides,
+        "model.policy=builtin:tiny-addition",
+        "rollout.prompts_per_step=8",
+    ]
     if preset == "remax":
         overrides.append("rollout.group_size=1")
     trainer, summary = _run(overrides)
@@ -48,13 +54,15 @@ def test_every_preset_trains_end_to_end(preset, fast_overrides):
     assert (run / "config.yaml").exists() and (run / "samples.jsonl").exists()
     assert (run / "final" / "config.json").exists()
     assert ckpt.complete_checkpoints(run / "checkpoints")[-1].name == "step-2"
-    # an update happened: the final weights differ from the initial ones
-    fresh, _ = type(trainer)(trainer.cfg, progress=False).model, None
-    moved = any(
+    # a real update happened: the warm-started policy gets mixed rewards, so weights move
+    assert any(r["reward/std"] > 0 for r in steps)
+    assert steps[-1]["policy/grad_norm"] > 0
+    start, _ = load_policy(trainer.cfg.model.policy)
+    moved = [
         not torch.equal(a, b)
-        for a, b in zip(fresh.parameters(), trainer.model.parameters(), strict=True)
-    )
-    assert moved or steps[-1]["policy/grad_norm"] == 0.0
+        for a, b in zip(start.parameters(), trainer.model.parameters(), strict=True)
+    ]
+    assert any(moved)
 
 
 def _final_weights(run_dir: Path) -> dict:

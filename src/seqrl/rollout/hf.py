@@ -23,7 +23,9 @@ class RolloutBatch:
     prompt_mask: Tensor  # [B, Lp] bool, True = real prompt token
     response_ids: Tensor  # [B, T] right-padded with pad_token_id
     response_mask: Tensor  # [B, T] bool, True = sampled token (EOS included)
-    sampler_logprobs: Tensor  # [B, T] (float32 or wider), log μ(y_t), 0 where response_mask is False
+    sampler_logprobs: (
+        Tensor  # [B, T] (float32 or wider), log μ(y_t), 0 where response_mask is False
+    )
     truncated: Tensor  # [B] bool, True = no EOS within the token budget
     group_size: int
 

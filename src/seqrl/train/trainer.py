@@ -246,7 +246,9 @@ class Trainer:
             self.update_settings,
             generator,
         )
-        with warnings.catch_warnings():  # all updates skipped (non-finite) still advance the schedule
+        with (
+            warnings.catch_warnings()
+        ):  # all updates skipped (non-finite) still advance the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
         t_step = time.perf_counter() - t0
