@@ -78,3 +78,48 @@ def test_micro_batch_size_does_not_change_the_update(setup, name):
         assert (
             m_full["fipo/dropped_seqs"] >= 0
         )  # the drop rule path ran (exact via sum-then-divide)
+
+
+def test_single_on_policy_update_needs_no_old_logprob_pass(setup):
+    model, _, batch = setup
+    B = batch.response_ids.shape[0]
+    adv = C.group_advantages(torch.arange(B, dtype=torch.float64) % 3, 4)
+    settings = UpdateSettings(
+        "dapo",
+        {},
+        num_minibatches=1,
+        ppo_epochs=1,
+        micro_batch_size=6,
+        grad_clip=1e9,
+        temperature=1.0,
+    )
+    params = []
+    for old in (batch_logprobs(model, batch, temperature=1.0, micro_batch_size=B), None):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        metrics, _ = update_policy(
+            m, opt, batch, adv, old, None, settings, torch.Generator().manual_seed(1)
+        )
+        assert metrics["policy/ratio_max"] == pytest.approx(1.0, abs=1e-12)
+        params.append(torch.nn.utils.parameters_to_vector(m.parameters()).detach())
+    torch.testing.assert_close(params[1], params[0], rtol=1e-10, atol=1e-12)
+    several = UpdateSettings(
+        "dapo",
+        {},
+        num_minibatches=2,
+        ppo_epochs=1,
+        micro_batch_size=6,
+        grad_clip=1e9,
+        temperature=1.0,
+    )
+    with pytest.raises(ValueError, match="single on-policy update"):
+        update_policy(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            batch,
+            adv,
+            None,
+            None,
+            several,
+            torch.Generator(),
+        )

@@ -114,7 +114,7 @@ def update_policy(
     optimizer: torch.optim.Optimizer,
     batch: RolloutBatch,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     ref_logprobs: Tensor | None,
     settings: UpdateSettings,
     generator: torch.Generator,
@@ -124,7 +124,13 @@ def update_policy(
     Returns (metrics averaged over micro-batches, number of skipped non-finite updates).
     The loss normaliser is the minibatch's (``total_tokens`` / ``total_sequences``), so
     the micro-batch size does not change the gradient (spec §0.3).
+
+    ``old_logprobs=None`` means a single on-policy update (one minibatch, one epoch): then
+    θ = θ_old during the only forward, so π_old is the detached current log-prob, exactly,
+    and the separate recompute pass is skipped.
     """
+    if old_logprobs is None and settings.num_minibatches * settings.ppo_epochs != 1:
+        raise ValueError("old_logprobs may only be omitted for a single on-policy update")
     cfg = C.resolve_policy_loss_config(settings.loss_name, **settings.loss_overrides)
     drop_rule = cfg.future_kl_weights and cfg.drop_dual_clipped_sequences
     B = batch.response_ids.shape[0]
@@ -149,7 +155,7 @@ def update_policy(
                 out = C.policy_loss(
                     settings.loss_name,
                     logprobs=logprobs,
-                    old_logprobs=old_logprobs[micro],
+                    old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
                     advantages=advantages[micro],
                     mask=batch.response_mask[micro],
                     ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],

@@ -225,6 +225,8 @@ class Trainer:
         temperature = cfg.rollout.temperature
         if cfg.rollout.old_logprobs_source == "sampler":
             old_logprobs = batch.sampler_logprobs
+        elif cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
+            old_logprobs = None  # one on-policy update: π_old is the update's own forward, detached
         else:
             old_logprobs = batch_logprobs(
                 self.model, batch, temperature=temperature, micro_batch_size=micro
