@@ -316,3 +316,9 @@ def test_run_name_and_with_overrides():
     named = cfg.with_overrides([f"name={cfg.run_name}"])
     assert named.name == named.run_name == cfg.run_name
     assert named.with_overrides(["name=null"]) == cfg
+
+
+def test_critic_algorithms_are_refused_until_the_trainer_builds_critics():
+    for name in ("sppo", "ppo"):
+        with pytest.raises(ConfigError, match=rf"algo.name='{name}'.*critic"):
+            load_config(None, [f"algo.name={name}"])

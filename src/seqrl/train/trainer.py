@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -251,7 +252,9 @@ class Trainer:
         with (
             warnings.catch_warnings()
         ):  # all updates skipped (non-finite) still advance the schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings(
+                "ignore", message=re.escape("Detected call of `lr_scheduler.step()`")
+            )
             self.scheduler.step()
         t_step = time.perf_counter() - t0
 
