@@ -74,6 +74,12 @@ def future_kl_participation(log_ratio: Tensor, mask: Tensor, dual_clip_c: float 
     return mask & (log_ratio <= math.log(dual_clip_c))
 
 
+def _masked_shifts(log_ratio: Tensor, mask: Tensor, dual_clip_c: float | None) -> Tensor:
+    """D_k = M_k · Δ_k, selected (not multiplied) so inf/nan at dropped tokens cannot leak."""
+    keep = future_kl_participation(log_ratio, mask, dual_clip_c)
+    return torch.where(keep, log_ratio, torch.zeros_like(log_ratio))
+
+
 def future_kl(
     log_ratio: Tensor,
     mask: Tensor,
@@ -89,8 +95,7 @@ def future_kl(
     masked positions still count in the distance k − t. F is 0 where ``mask`` is False.
     Exact (float64 agrees with the O(T²) double loop to ~1e-15) and O(B·T) for a fixed chunk.
     """
-    keep = future_kl_participation(log_ratio, mask, dual_clip_c)
-    shifts = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))  # [B, T]  D = M·Δ
+    shifts = _masked_shifts(log_ratio, mask, dual_clip_c)  # [B, T]  D = M·Δ
     out = discounted_reverse_cumsum(shifts, decay_from_rate(decay_rate), chunk_size=chunk_size)
     return torch.where(mask, out, torch.zeros_like(out))
 
@@ -107,8 +112,7 @@ def future_kl_quadratic(
 
     Same result as :func:`future_kl`; kept for parity tests and as the benchmark baseline.
     """
-    keep = future_kl_participation(log_ratio, mask, dual_clip_c)
-    shifts = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))  # [B, L]
+    shifts = _masked_shifts(log_ratio, mask, dual_clip_c)  # [B, L]
     L = shifts.shape[1]
     gamma = decay_from_rate(decay_rate)
     out = torch.zeros_like(shifts)  # [B, L]
