@@ -27,7 +27,7 @@ from seqrl.rollout import HFSampler
 from seqrl.tasks import get_task
 from seqrl.train import checkpoint as ckpt
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
-from seqrl.train.metrics import RunLogger, quantiles, read_metrics, truncate_jsonl
+from seqrl.train.metrics import RunLogger, quantiles, truncate_jsonl
 from seqrl.train.step import UpdateSettings, batch_logprobs, compute_advantages, update_policy
 
 
@@ -433,7 +433,3 @@ class Trainer:
             f"metrics: {self.run_dir / 'metrics.jsonl'}   model: {self.run_dir / 'final'}   "
             f"plots: seqrl plot {self.run_dir}"
         )
-
-
-def load_run_metrics(run_dir: Path) -> list[dict]:
-    return read_metrics(run_dir)
