@@ -19,7 +19,7 @@ import time
 import torch
 
 from seqrl.config import load_config
-from seqrl.train.step import batch_logprobs, compute_advantages, update_policy
+from seqrl.train.step import batch_logprobs, compute_advantages, score_rollout, update_policy
 from seqrl.train.trainer import Trainer
 
 
@@ -60,9 +60,7 @@ def seqrl_step(trainer: Trainer, step: int) -> dict[str, float]:
     batch = trainer.sampler.generate([e.prompt for e in examples], group_size=G)
     times["rollout"] = time.perf_counter() - t
     t = time.perf_counter()
-    texts = trainer.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-    grouped = [e for e in examples for _ in range(G)]
-    rewards = torch.tensor([trainer.task.score(x, e) for x, e in zip(texts, grouped, strict=True)])
+    _, rewards = score_rollout(trainer.tokenizer, trainer.task, batch, examples)
     adv = compute_advantages(cfg.algo.advantage, rewards, G, eps=cfg.algo.adv_eps)
     times["scoring"] = time.perf_counter() - t
     t = time.perf_counter()

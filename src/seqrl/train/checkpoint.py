@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 MARKER = "COMPLETE"
@@ -107,8 +108,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not match or not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             f.keys()  # header check: a truncated file fails here, before any weight is copied
         state = torch.load(path / "state.pt", weights_only=False)

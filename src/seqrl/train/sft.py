@@ -16,6 +16,7 @@ from rich.console import Console
 
 from seqrl.models import save_policy
 from seqrl.rollout import HFSampler
+from seqrl.train.step import score_rollout
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ def greedy_accuracy(
     for s in range(0, len(examples), chunk):
         part = examples[s : s + chunk]
         batch = sampler.generate([e.prompt for e in part], group_size=1, greedy=True)
-        texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-        hits += sum(task.is_correct(t, e) for t, e in zip(texts, part, strict=True))
+        hits += score_rollout(tokenizer, task, batch, part)[1].sum().item()
     return hits / max(1, len(examples))
 
 

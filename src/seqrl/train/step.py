@@ -92,6 +92,16 @@ def batch_logprobs(
     return torch.cat(parts) if parts else batch.sampler_logprobs.clone()
 
 
+def score_rollout(tokenizer, task, batch: RolloutBatch, examples: list) -> tuple[list[str], Tensor]:
+    """Decode the responses and score each against its prompt's example: (texts, rewards [B]).
+
+    ``examples`` has one entry per prompt; row i of the batch belongs to examples[i // G].
+    """
+    texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+    grouped = [e for e in examples for _ in range(batch.group_size)]
+    return texts, torch.tensor(task.score_batch(texts, grouped))
+
+
 def compute_advantages(
     kind: str, rewards: Tensor, group_size: int, *, eps: float, greedy_rewards: Tensor | None = None
 ) -> Tensor:

@@ -28,7 +28,13 @@ from seqrl.tasks import get_task
 from seqrl.train import checkpoint as ckpt
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
 from seqrl.train.metrics import RunLogger, quantiles, truncate_jsonl
-from seqrl.train.step import UpdateSettings, batch_logprobs, compute_advantages, update_policy
+from seqrl.train.step import (
+    UpdateSettings,
+    batch_logprobs,
+    compute_advantages,
+    score_rollout,
+    update_policy,
+)
 
 
 class TrainingAbortedError(RuntimeError):
@@ -205,18 +211,11 @@ class Trainer:
         t0 = time.perf_counter()
         examples = self.step_prompts(step)
         batch = self.sampler.generate([e.prompt for e in examples], group_size=G)
-        texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-        grouped = [e for e in examples for _ in range(G)]
-        rewards = torch.tensor([self.task.score(t, e) for t, e in zip(texts, grouped, strict=True)])
+        texts, rewards = score_rollout(self.tokenizer, self.task, batch, examples)
         greedy_rewards = None
         if cfg.algo.advantage == "remax":
             greedy = self.sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
-            greedy_texts = self.tokenizer.batch_decode(
-                greedy.response_ids, skip_special_tokens=True
-            )
-            greedy_rewards = torch.tensor(
-                [self.task.score(t, e) for t, e in zip(greedy_texts, examples, strict=True)]
-            )
+            _, greedy_rewards = score_rollout(self.tokenizer, self.task, greedy, examples)
         advantages = compute_advantages(
             cfg.algo.advantage, rewards, G, eps=cfg.algo.adv_eps, greedy_rewards=greedy_rewards
         )
@@ -278,10 +277,12 @@ class Trainer:
         metrics = reduce_metrics(metrics, self.dist)
         if self.logger is not None:
             rows = [
-                {"prompt": e.prompt, "completion": t, "reward": r.item()}
-                for e, t, r in list(zip(grouped, texts, rewards, strict=True))[
-                    : cfg.train.log_samples
-                ]
+                {
+                    "prompt": examples[i // G].prompt,
+                    "completion": texts[i],
+                    "reward": rewards[i].item(),
+                }
+                for i in range(min(cfg.train.log_samples, len(texts)))
             ]
             self.logger.samples(step, rows)
         return metrics
@@ -304,30 +305,25 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out greedy accuracy and sampled accuracy (avg@k)."""
-        prompts = [e.prompt for e in self.eval_examples]
         k, chunk = self.cfg.train.eval_samples, max(1, 256 // max(1, self.cfg.train.eval_samples))
         greedy_hits, sampled_hits, lengths = [], [], []
-        for s in range(0, len(prompts), chunk):
-            part, ex = prompts[s : s + chunk], self.eval_examples[s : s + chunk]
-            greedy = self.sampler.generate(part, group_size=1, greedy=True)
-            texts = self.tokenizer.batch_decode(greedy.response_ids, skip_special_tokens=True)
-            greedy_hits += [self.task.is_correct(t, e) for t, e in zip(texts, ex, strict=True)]
-            lengths += greedy.lengths.tolist()
+        for s in range(0, len(self.eval_examples), chunk):
+            part = self.eval_examples[s : s + chunk]
+            prompts = [e.prompt for e in part]
+            greedy = self.sampler.generate(prompts, group_size=1, greedy=True)
+            greedy_hits.append(score_rollout(self.tokenizer, self.task, greedy, part)[1])
+            lengths.append(greedy.lengths)
             if k:
                 sampled = self.sampler.generate(
-                    part, group_size=k, temperature=self.cfg.train.eval_temperature
+                    prompts, group_size=k, temperature=self.cfg.train.eval_temperature
                 )
-                texts = self.tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
-                sampled_hits += [
-                    self.task.is_correct(t, e)
-                    for t, e in zip(texts, [e for e in ex for _ in range(k)], strict=True)
-                ]
+                sampled_hits.append(score_rollout(self.tokenizer, self.task, sampled, part)[1])
         out = {
-            "eval/greedy_acc": sum(greedy_hits) / len(greedy_hits),
-            "eval/greedy_len_mean": sum(lengths) / len(lengths),
+            "eval/greedy_acc": torch.cat(greedy_hits).mean().item(),
+            "eval/greedy_len_mean": torch.cat(lengths).double().mean().item(),
         }
         if k:
-            out["eval/sampled_acc"] = sum(sampled_hits) / len(sampled_hits)
+            out["eval/sampled_acc"] = torch.cat(sampled_hits).mean().item()
         return reduce_metrics(out, self.dist)
 
     # ------------------------------------------------------------------ the loop
