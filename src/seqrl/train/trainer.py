@@ -140,6 +140,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
+        self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
 
     # ------------------------------------------------------------------ set-up and resume
     @classmethod
@@ -197,7 +198,7 @@ class Trainer:
         return shard(picked, self.dist)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if getattr(self, "_order_epoch", None) != epoch:
+        if self._order_epoch != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             self._order, self._order_epoch = (
                 torch.randperm(len(self.train_examples), generator=gen),
