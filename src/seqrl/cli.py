@@ -113,8 +113,15 @@ def sft(
     batch_size: Annotated[int, typer.Option()] = 64,
     lr: Annotated[float, typer.Option()] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
+    teacher_slip_rate: Annotated[
+        float,
+        typer.Option(
+            help="probability that a demonstration is the task's typical mistake instead "
+            "(addition: the carry out of the ones column is forgotten)"
+        ),
+    ] = 0.0,
 ) -> None:
-    """Supervised warm start on a built-in task (makes the shipped builtin:tiny-addition)."""
+    """Supervised warm start on a built-in task (makes the shipped builtin:tiny-addition*)."""
     from seqrl.models import load_policy
     from seqrl.tasks import get_task
     from seqrl.train.sft import SFTSettings, run_sft
@@ -127,13 +134,17 @@ def sft(
         policy, tokenizer = load_policy(model)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    run_sft(
-        policy,
-        tokenizer,
-        the_task,
-        SFTSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
-        out_dir=out,
+    settings = SFTSettings(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        teacher_slip_rate=teacher_slip_rate,
     )
+    try:
+        run_sft(policy, tokenizer, the_task, settings, out_dir=out)
+    except ValueError as err:
+        _fail(str(err))
 
 
 @app.command()

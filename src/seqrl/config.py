@@ -133,7 +133,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    policy: str = Field("builtin:tiny-addition", min_length=1)  # builtin:NAME or a local HF dir
+    # builtin:NAME or a local HF dir; the default is the demo's warm start
+    policy: str = Field("builtin:tiny-addition-noisy", min_length=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     reference: str | None = None  # None = frozen copy of the initial policy (built if kl_coef > 0)
 

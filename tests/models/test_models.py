@@ -188,3 +188,27 @@ def test_shipped_builtin_loads_from_assets(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(**x).logits, model2(**x).logits)
     assert tok2.decode(tok2("1 2\n")["input_ids"]) == "1 2\n"
+
+
+def test_shipped_warm_starts_behave_as_documented():
+    """On held-out problems whose ones digits carry, tiny-addition mostly adds correctly and
+    tiny-addition-noisy mostly writes its teacher's slip (the ones carry forgotten): the
+    mistake the demo's RL run has to unlearn."""
+    from seqrl.rollout import HFSampler
+    from seqrl.tasks import get_task
+
+    task = get_task("addition", digits=3, seed=1234)
+    carry = [e for e in task.examples("test", 200) if task.slip_target(e) is not None][:48]
+    for spec, correct_range, slip_range in (
+        ("builtin:tiny-addition", (0.5, 1.0), (0.0, 0.2)),
+        ("builtin:tiny-addition-noisy", (0.0, 0.3), (0.5, 1.0)),
+    ):
+        model, tok = load_policy(spec)
+        sampler = HFSampler(model, tok, max_new_tokens=task.max_new_tokens)
+        batch = sampler.generate([e.prompt for e in carry], group_size=1, greedy=True)
+        texts = [t.strip() for t in tok.batch_decode(batch.response_ids, skip_special_tokens=True)]
+        correct = sum(t == e.answer for t, e in zip(texts, carry, strict=True)) / len(carry)
+        slipped = sum(t == task.slip_target(e) for t, e in zip(texts, carry, strict=True))
+        slipped /= len(carry)
+        assert correct_range[0] <= correct <= correct_range[1], (spec, correct)
+        assert slip_range[0] <= slipped <= slip_range[1], (spec, slipped)

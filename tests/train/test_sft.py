@@ -1,10 +1,14 @@
-"""Supervised warm start: labels cover only the completion + EOS, and training lowers the loss."""
+"""Supervised warm start: labels cover only the completion + EOS, training lowers the loss,
+and the teacher-slip option injects the task's typical mistake at the requested rate."""
 
+import random
+
+import pytest
 import torch
 
 from seqrl.models import load_policy
 from seqrl.tasks import get_task
-from seqrl.train.sft import SFTSettings, encode_sft_batch, run_sft
+from seqrl.train.sft import SFTSettings, encode_sft_batch, run_sft, sft_targets
 
 
 def test_labels_cover_completion_and_eos_only():
@@ -46,3 +50,33 @@ def test_sft_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     with torch.no_grad():
         after = reloaded(**enc).loss.item()
     assert after < 0.8 * before, (before, after)
+
+
+def test_addition_slip_forgets_the_ones_carry_and_scores_zero():
+    task = get_task("addition", digits=3, seed=1)
+    carry, plain = task.make_example(117, 225), task.make_example(112, 234)
+    assert task.slip_target(carry) == "332"  # 117 + 225 = 342; the ones carry is dropped
+    assert task.score("332", carry) == 0.0 and task.score(task.sft_target(carry), carry) == 1.0
+    assert task.slip_target(plain) is None  # 2 + 4 does not carry: nothing to forget
+
+
+def test_sft_targets_slip_at_the_requested_rate_and_only_where_possible():
+    task = get_task("addition", digits=3, seed=1)
+    examples = task.examples("train", 4000)
+    targets = sft_targets(task, examples, random.Random(0), slip_rate=0.7)
+    carries = [e for e in examples if task.slip_target(e) is not None]
+    slipped = [t != e.answer for t, e in zip(targets, examples, strict=True)]
+    # only carry problems can slip; among them about 70% do (binomial sd ≈ 1%)
+    assert all(task.slip_target(e) is not None for e, s in zip(examples, slipped, strict=True) if s)
+    assert abs(sum(slipped) / len(carries) - 0.7) < 0.05
+    # rate 0 draws no random numbers (so batches match a run without the option) and never slips
+    rng = random.Random(0)
+    assert sft_targets(task, examples, rng) == [e.answer for e in examples]
+    assert rng.random() == random.Random(0).random()
+
+
+def test_teacher_slip_on_a_task_without_slips_is_a_clear_error():
+    model, tok = load_policy("builtin:nano")
+    task = get_task("scratchpad", digits=2, operands=3, seed=1)
+    with pytest.raises(ValueError, match="defines no teacher slip"):
+        run_sft(model, tok, task, SFTSettings(steps=1, teacher_slip_rate=0.5))

@@ -29,11 +29,17 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS: dict[str, str] = {
     "tiny": "randomly initialised tiny Qwen2 (~1.6M params, seed 0) with the character tokenizer",
     "tiny-addition": "the tiny model after supervised warm start on addition (shipped checkpoint)",
+    "tiny-addition-noisy": "tiny-addition fine-tuned on a teacher that forgets the ones carry 70% "
+    "of the time: often wrong in one fixable way (the demo's warm start; shipped checkpoint)",
     "nano": "randomly initialised nano Qwen2 (~0.1M params, seed 0), for fast tests",
 }
 """Built-in policy name → description (use as ``builtin:<name>``)."""
 
-_SHIPPED = {"tiny-addition": "seqrl sft --out src/seqrl/assets/tiny-addition"}
+_SHIPPED = {
+    "tiny-addition": "seqrl sft --out src/seqrl/assets/tiny-addition --steps 2000 --lr 1e-3",
+    "tiny-addition-noisy": "seqrl sft --model builtin:tiny-addition "
+    "--out src/seqrl/assets/tiny-addition-noisy --steps 400 --lr 3e-4 --teacher-slip-rate 0.7",
+}
 """Built-ins that are checkpoints under :data:`ASSETS_DIR`, with the command that makes each."""
 
 _GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})

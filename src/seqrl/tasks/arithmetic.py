@@ -58,6 +58,14 @@ class AdditionTask(Task):
     def sft_target(self, example: Example) -> str:
         return example.answer
 
+    def slip_target(self, example: Example) -> str | None:
+        """The sum with the carry out of the ones column forgotten (``"17+25="`` → ``"32"``).
+
+        None when the ones digits do not carry (``"12+34="``): then there is nothing to forget.
+        """
+        a, b = example.meta["operands"]
+        return str(a + b - 10) if a % 10 + b % 10 >= 10 else None
+
 
 def scratchpad_lines(operands: Sequence[int]) -> list[str]:
     """One line per addition step, each split by place value (tens-and-up, then ones).

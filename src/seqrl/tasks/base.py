@@ -92,6 +92,15 @@ class Task(ABC):
     def sft_target(self, example: Example) -> str:
         """The full completion used for the supervised warm start (EOS is added by the SFT code)."""
 
+    def slip_target(self, example: Example) -> str | None:
+        """The completion a careless teacher writes for ``example``: the task's typical mistake.
+
+        None when the example leaves no room for it (or the task defines none). ``seqrl sft
+        --teacher-slip-rate p`` trains on these in place of the correct target with probability
+        p, which makes a warm start that is systematically wrong in a way a verifier can fix.
+        """
+        return None
+
     # ---- splits ----------------------------------------------------------------------------
     def max_examples(self, split: str) -> int:
         """The largest ``n`` accepted by :meth:`examples` for ``split``.

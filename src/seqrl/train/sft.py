@@ -30,6 +30,7 @@ class SFTSettings:
     train_size: int = 20000
     eval_size: int = 200
     log_every: int = 50
+    teacher_slip_rate: float = 0.0  # P(a demonstration is the task's typical mistake instead)
 
 
 def encode_sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -45,6 +46,21 @@ def encode_sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> dict[
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def sft_targets(task, examples, rng: random.Random, slip_rate: float = 0.0) -> list[str]:
+    """The completions to imitate: each is :meth:`Task.slip_target` with probability ``slip_rate``.
+
+    An example whose task leaves no room for the slip keeps its correct target. With
+    ``slip_rate=0`` no random number is drawn, so the batches match a run without the option.
+    """
+    targets = []
+    for e in examples:
+        target = task.sft_target(e)
+        if slip_rate and rng.random() < slip_rate:
+            target = task.slip_target(e) or target
+        targets.append(target)
+    return targets
 
 
 @torch.no_grad()
@@ -68,6 +84,13 @@ def run_sft(
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     train = task.examples("train", min(settings.train_size, task.max_examples("train")))
+    if not 0.0 <= settings.teacher_slip_rate <= 1.0:
+        raise ValueError(f"teacher_slip_rate must be in [0, 1], got {settings.teacher_slip_rate}")
+    if settings.teacher_slip_rate and all(task.slip_target(e) is None for e in train[:1000]):
+        raise ValueError(
+            f"task {task.name!r} defines no teacher slip (Task.slip_target), so "
+            "teacher_slip_rate has nothing to inject; leave it at 0"
+        )
     held_out = task.examples("test", settings.eval_size)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
@@ -82,9 +105,8 @@ def run_sft(
     start = time.perf_counter()
     for step in range(settings.steps):
         batch = rng.sample(train, settings.batch_size)
-        enc = encode_sft_batch(
-            tokenizer, [e.prompt for e in batch], [task.sft_target(e) for e in batch]
-        )
+        targets = sft_targets(task, batch, rng, settings.teacher_slip_rate)
+        enc = encode_sft_batch(tokenizer, [e.prompt for e in batch], targets)
         loss = model(**{k: v.to(model.device) for k, v in enc.items()}, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
