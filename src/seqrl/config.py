@@ -252,7 +252,7 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(100, ge=1)
     eval_every: int = Field(25, ge=0)  # 0 = only at start and end
-    eval_samples: int = Field(4, ge=1)  # k for eval/sampled_acc (avg@k)
+    eval_samples: int = Field(4, ge=0)  # k for eval/sampled_acc (avg@k); 0 = greedy only
     eval_temperature: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=0)  # 0 = only the final checkpoint
     keep_checkpoints: int = Field(2, ge=1)

@@ -195,3 +195,12 @@ def test_resume_of_a_non_run_directory_says_so(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "no config.yaml" in out.stderr
+
+
+def test_eval_samples_zero_evaluates_greedy_only(fast_overrides):
+    _, summary = _run([*fast_overrides, "train.eval_samples=0"], steps=1)
+    records = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").open()]
+    evals = [r for r in records if "eval/greedy_acc" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    assert not any("eval/sampled_acc" in r for r in records)
+    assert summary["sampled_acc_start"] is None and summary["sampled_acc_end"] is None
