@@ -1,0 +1,97 @@
+"""Loading problems from JSONL / CSV / Parquet with a column mapping; malformed rows are errors
+that name file, row and field, or are skipped and counted."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seqrl.tasks.files import DataError, load_examples
+
+TOY = Path(__file__).resolve().parents[2] / "examples" / "data" / "gsm8k_toy.jsonl"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_shipped_gsm8k_toy_file_loads_with_a_mapping():
+    examples, report = load_examples(TOY, columns={"prompt": "question"})
+    assert len(examples) == report.rows == 40 and report.skipped == 0
+    assert examples[0].prompt.startswith("Gus has 4 marbles")
+    assert examples[0].answer.endswith("#### 13")
+
+
+def test_malformed_json_row_names_file_and_row(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, "{oops", ""])
+    with pytest.raises(DataError, match=r"d\.jsonl, row 2: not valid JSON.*on_error='skip'"):
+        load_examples(path)
+
+
+def test_missing_and_wrongly_typed_fields_name_the_field(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "x"}])
+    with pytest.raises(DataError, match=r"row 2: field 'answer' \(answer\) is missing.*'prompt'"):
+        load_examples(path)
+    path = _write_jsonl(tmp_path / "e.jsonl", [{"q": ["not", "text"], "answer": "2"}])
+    with pytest.raises(DataError, match=r"row 1: field 'q' \(prompt\) must be text"):
+        load_examples(path, columns={"prompt": "q"})
+    path = _write_jsonl(tmp_path / "f.jsonl", [[1, 2]])
+    with pytest.raises(DataError, match=r"row 1: expected an object"):
+        load_examples(path)
+
+
+def test_skip_mode_counts_and_keeps_the_good_rows(tmp_path):
+    rows = [
+        {"prompt": "1+1=", "answer": 2},
+        "{bad",
+        {"prompt": "", "answer": "3"},
+        {"prompt": "2+2=", "answer": "4", "level": 1},
+    ]
+    examples, report = load_examples(_write_jsonl(tmp_path / "d.jsonl", rows), on_error="skip")
+    assert [e.prompt for e in examples] == ["1+1=", "2+2="]
+    assert examples[0].answer == "2" and examples[1].meta == {"level": 1}
+    assert (report.rows, report.skipped) == (4, 2)
+    assert "row 2" in report.first_problems[0] and "row 3" in report.first_problems[1]
+
+
+def test_csv_with_mapping_and_a_row_with_extra_cells(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('question,solution\nWhat is 2+3?,5\n"Is 1,000 big?",yes\nx,y,z\n')
+    with pytest.raises(DataError, match=r"d\.csv, row 3: 1 more cell"):
+        load_examples(path, columns={"prompt": "question", "answer": "solution"})
+    examples, report = load_examples(
+        path, columns={"prompt": "question", "answer": "solution"}, on_error="skip"
+    )
+    assert [(e.prompt, e.answer) for e in examples] == [
+        ("What is 2+3?", "5"),
+        ("Is 1,000 big?", "yes"),
+    ]
+    assert report.skipped == 1
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {"prompt": ["def f(x):", "def g():"], "tests": ["assert f(1)", None], "answer": ["", "ok"]}
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    examples, _ = load_examples(
+        tmp_path / "d.parquet", required=("prompt", "tests"), on_error="skip"
+    )
+    assert len(examples) == 1 and examples[0].meta["tests"] == "assert f(1)"
+
+
+def test_file_level_errors_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "d.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"unknown data format '\.txt'.*\.jsonl"):
+        load_examples(tmp_path / "d.txt")
+    with pytest.raises(DataError, match="unknown column-mapping field"):
+        load_examples(TOY, columns={"question": "prompt"})
+    empty = _write_jsonl(tmp_path / "e.jsonl", ["{bad"])
+    with pytest.raises(DataError, match="no usable rows"):
+        load_examples(empty, on_error="skip")
