@@ -1,4 +1,4 @@
-"""The ``seqrl`` command line: train, sft, presets, plot."""
+"""The ``seqrl`` command line: train, sft, eval, presets, plot."""
 
 from __future__ import annotations
 
@@ -195,6 +195,110 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<na
         _fail(str(err))
     for path in written:
         typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str, typer.Argument(help="builtin:NAME, a run's final/ dir or any HF model dir")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="a .jsonl/.csv/.parquet file (or saved datasets dir)")
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="a built-in task instead of --data (its held-out split)")
+    ] = None,
+    k: Annotated[int, typer.Option(help="samples per item (avg@k, pass@k, cons@k)")] = 16,
+    limit: Annotated[int | None, typer.Option(help="evaluate the first N items only")] = None,
+    column: Annotated[
+        list[str] | None, typer.Option(help="column mapping FIELD=NAME, e.g. prompt=question")
+    ] = None,
+    reward: Annotated[str, typer.Option(help="math | code | exact (with --data)")] = "math",
+    template: Annotated[str, typer.Option(help="prompt template with {prompt}")] = "{prompt}",
+    chat: Annotated[
+        bool, typer.Option(help="wrap prompts in the tokenizer's chat template")
+    ] = False,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    max_new_tokens: Annotated[int | None, typer.Option(help="default: the task's budget")] = None,
+    batch_items: Annotated[int, typer.Option(help="items per generate call")] = 16,
+    out: Annotated[Path | None, typer.Option(help="per-item results (JSONL)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """avg@k, unbiased pass@k and cons@k with 95% bootstrap intervals, per-item JSONL."""
+    import json
+
+    import torch
+    from rich.progress import Progress
+
+    from seqrl.evaluation import evaluate_samples
+    from seqrl.models import load_policy
+    from seqrl.rollout import HFSampler
+    from seqrl.tasks import get_task
+    from seqrl.tasks.files import DataError
+    from seqrl.tasks.filetask import FileTask
+
+    if (data is None) == (task is None):
+        _fail("give exactly one of --data FILE or --task NAME")
+    try:
+        if data is not None:
+            columns = dict(c.split("=", 1) for c in column or [])
+            the_task = FileTask(
+                test=data,
+                columns=columns,
+                reward=reward,
+                prompt_template=template,
+                max_new_tokens=max_new_tokens or 256,
+            )
+            items = the_task.examples("test", limit)
+        else:
+            the_task = get_task(task)
+            items = the_task.examples("test", limit or 200)
+        policy, tokenizer = load_policy(model)
+    except (ValueError, DataError, FileNotFoundError) as err:
+        _fail(str(err))
+    prompts = [e.prompt for e in items]
+    if chat:
+        if not tokenizer.chat_template:
+            _fail(f"{model} has no chat template; drop --chat or use --template")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+    torch.manual_seed(seed)
+    sampler = HFSampler(
+        policy,
+        tokenizer,
+        max_new_tokens=max_new_tokens or the_task.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    completions: list[list[str]] = []
+    with Progress(console=Console(stderr=True)) as progress:
+        bar = progress.add_task("sampling", total=len(items))
+        for s in range(0, len(items), batch_items):
+            batch = sampler.generate(prompts[s : s + batch_items], group_size=k)
+            texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+            completions += [texts[i : i + k] for i in range(0, len(texts), k)]
+            progress.advance(bar, len(texts) // k)
+    ks = sorted({1, k} | {x for x in (4, 8, 16, 32) if x < k})
+    records, summary = evaluate_samples(the_task, items, completions, ks=ks)
+    if out is not None:
+        with out.open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    table = Table(title=f"{model}: {len(items)} items × {k} samples")
+    for col in ("metric", "value", "95% CI"):
+        table.add_column(col)
+    for key, value in summary.items():
+        if not key.endswith(("_ci_low", "_ci_high")):
+            ci = f"[{summary[key + '_ci_low']:.3f}, {summary[key + '_ci_high']:.3f}]"
+            table.add_row(key, f"{value:.3f}", ci)
+    Console().print(table)
+    if out is not None:
+        Console().print(f"per-item results: {out}")
 
 
 @app.command()

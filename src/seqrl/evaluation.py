@@ -9,6 +9,7 @@ For item i with n sampled completions of which c are correct:
   ties are broken towards the answer that appeared first, and unparsable answers do not vote).
 
 Dataset-level figures are means over items; :func:`bootstrap_ci` resamples items.
+:func:`evaluate_samples` turns sampled completions into per-item records and a summary.
 """
 
 from __future__ import annotations
@@ -57,3 +58,37 @@ def bootstrap_ci(
     lo = draws[math.floor((1 - level) / 2 * (n_boot - 1))]
     hi = draws[math.ceil((1 + level) / 2 * (n_boot - 1))]
     return (lo, hi)
+
+
+def evaluate_samples(
+    task, examples: Sequence, completions: Sequence[Sequence[str]], *, ks: Sequence[int]
+) -> tuple[list[dict], dict[str, float]]:
+    """Per-item records and dataset summary from ``completions[i]`` (n samples of item i).
+
+    Summary keys: ``avg@n``, ``pass@k`` for each k in ``ks`` (k ≤ n), ``cons@n`` when the task
+    parses answers, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap over items).
+    """
+    records, per_key = [], {}
+    for example, samples in zip(examples, completions, strict=True):
+        n = len(samples)
+        scores = task.score_batch(list(samples), [example] * n)
+        c = sum(1 for s in scores if s > 0)
+        rec = {"prompt": example.prompt, "reference": example.answer, "n": n, "correct": c}
+        rec[f"avg@{n}"] = sum(scores) / n
+        for k in ks:
+            rec[f"pass@{k}"] = pass_at_k(n, c, k)
+        answers = [task.extract_answer(s) for s in samples]
+        if any(a is not None for a in answers):
+            reference = task.reference(example) if hasattr(task, "reference") else example.answer
+            rec[f"cons@{n}"] = cons_at_k(answers, reference)
+        rec["completions"] = list(samples)
+        rec["scores"] = scores
+        records.append(rec)
+        for key, value in rec.items():
+            if "@" in key:
+                per_key.setdefault(key, []).append(value)
+    summary: dict[str, float] = {}
+    for key, values in per_key.items():
+        summary[key] = sum(values) / len(values)
+        summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(values)
+    return records, summary
