@@ -348,7 +348,10 @@ class RunConfig(_Section):
 # Policy-loss name / advantage estimator → the critic kind it learns its advantage from.
 CRITIC_ALGOS = {"sppo": "scalar", "ppo": "token"}
 CRITIC_ADVANTAGES = {"sppo": "scalar", "gae": "token"}
-_CRITIC_WHAT = {"scalar": "a scalar prompt critic, A = R − V(prompt)", "token": "GAE over a token critic"}
+_CRITIC_WHAT = {
+    "scalar": "a scalar prompt critic, A = R − V(prompt)",
+    "token": "GAE over a token critic",
+}
 
 
 def _critic_problems(cfg: RunConfig) -> list[str]:

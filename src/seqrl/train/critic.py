@@ -87,7 +87,9 @@ def batch_values(critic, batch: RolloutBatch, kind: str, micro_batch_size: int) 
     for s in range(0, B, micro_batch_size):
         rows = torch.arange(s, min(s + micro_batch_size, B))
         if kind == "scalar":
-            parts.append(prompt_value_logits(critic, batch.prompt_ids[rows], batch.prompt_mask[rows]))
+            parts.append(
+                prompt_value_logits(critic, batch.prompt_ids[rows], batch.prompt_mask[rows])
+            )
         else:
             parts.append(token_values(critic, batch, rows))
     return torch.cat(parts)

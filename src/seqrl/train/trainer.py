@@ -414,7 +414,9 @@ class Trainer:
             if self.dist.is_main:
                 save_policy(self.model, self.tokenizer, self.run_dir / "final")
                 if self.critic is not None:
-                    save_critic(self.critic.model, self.tokenizer, self.run_dir / "final" / "critic")
+                    save_critic(
+                        self.critic.model, self.tokenizer, self.run_dir / "final" / "critic"
+                    )
         finally:
             self.logger.close()
         summary = self.summary()
