@@ -43,6 +43,11 @@ class CriticSettings:
 # ------------------------------------------------------------------------------- forwards
 
 
+def _wide(x: Tensor) -> Tensor:
+    """float32 or wider (bf16 critics are read out in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def prompt_value_logits(critic, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     """The critic's output at the last prompt token, from a prompt-only forward: [B].
 
@@ -53,7 +58,7 @@ def prompt_value_logits(critic, prompt_ids: Tensor, prompt_mask: Tensor) -> Tens
     ids, mask = _trim(prompt_ids, prompt_mask, left=True)  # [B, Lp']
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     out = critic(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
-    return out.logits[:, -1, 0].float()  # [B]
+    return _wide(out.logits[:, -1, 0])  # [B]
 
 
 def token_values(critic, batch: RolloutBatch, rows: Tensor) -> Tensor:
@@ -74,7 +79,7 @@ def token_values(critic, batch: RolloutBatch, rows: Tensor) -> Tensor:
         position_ids=positions,
         use_cache=False,
     )
-    values = out.logits[:, Lp - 1 : Lp - 1 + T, 0].float()  # [b, T]
+    values = _wide(out.logits[:, Lp - 1 : Lp - 1 + T, 0])  # [b, T]
     values = torch.where(resp_mask, values, torch.zeros_like(values))
     return torch.nn.functional.pad(values, (0, batch.response_ids.shape[1] - T))
 

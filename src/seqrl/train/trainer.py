@@ -353,7 +353,9 @@ class Trainer:
         if self.logger is not None:
             self._calibration_rows = [
                 {"prompt": e.prompt, "predicted": p, "pass_rate": r}
-                for e, p, r in zip(self.eval_examples, predicted.tolist(), pass_rate.tolist())
+                for e, p, r in zip(
+                    self.eval_examples, predicted.tolist(), pass_rate.tolist(), strict=True
+                )
             ]
         return critic_lib.calibration_metrics(predicted, pass_rate)
 
