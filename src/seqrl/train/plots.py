@@ -39,7 +39,10 @@ PANELS = {
         ],
     ),
     "fipo": ("FIPO influence weights", ["fipo/weight_mean", "fipo/weight_above_1_frac"]),
-    "time": ("seconds per step", ["time/step_s", "time/rollout_s", "time/train_s"]),
+    "time": (
+        "seconds per step",
+        ["time/step_s", "time/rollout_s", "time/train_s", "time/critic_s"],
+    ),
 }
 
 

@@ -225,17 +225,18 @@ class Trainer:
         if cfg.algo.advantage == "remax":
             greedy = self.sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
             _, greedy_rewards = score_rollout(self.tokenizer, self.task, greedy, examples)
+        t_rollout = time.perf_counter() - t0
         critic_metrics = {}
         if self.critic is not None:  # values before the critic's update, then its update
             critic_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 500_000)
             advantages, critic_metrics = critic_lib.critic_step(
                 self.critic, batch, rewards, critic_gen
             )
+            critic_metrics["time/critic_s"] = time.perf_counter() - t0 - t_rollout
         else:
             advantages = compute_advantages(
                 cfg.algo.advantage, rewards, G, eps=cfg.algo.adv_eps, greedy_rewards=greedy_rewards
             )
-        t_rollout = time.perf_counter() - t0
 
         micro = cfg.algo.micro_batch_size
         temperature = cfg.rollout.temperature
