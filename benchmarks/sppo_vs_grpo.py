@@ -156,6 +156,7 @@ def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
         + ", ".join(
             f"{a} {_mean_std([r['rss_before_train_mib'] for r in results if r['algo'] == a])} MiB"
             for a in ALGOS
+            if any(r["algo"] == a for r in results)
         )
     )
     _plot(results, target, out_dir / "sppo_vs_grpo.png")
