@@ -21,6 +21,7 @@ from seqrl.train.critic import (
     batch_values,
     calibration_metrics,
     critic_step,
+    pass_rates,
     pearson,
     spearman,
 )
@@ -151,6 +152,13 @@ def test_calibration_correlations_match_scipy():
     m = calibration_metrics(x, y)
     assert m["critic/calibration_pearson"] == pytest.approx(stats.pearsonr(x, y).statistic)
     assert pearson(x, torch.ones(50, dtype=torch.float64)) != pearson(x, x)  # NaN when constant
+
+
+def test_pass_rates_group_the_k_samples_of_each_prompt():
+    # the sampler lays out k = 2 samples per prompt consecutively: prompts [1, 1], [0, 0], [1, 0]
+    hits = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    assert pass_rates(hits, 2).tolist() == [1.0, 0.0, 0.5]
+    assert pass_rates(hits, 3).tolist() == [2 / 3, 1 / 3]
 
 
 def test_separation_point_is_where_the_cis_stop_overlapping_for_good():

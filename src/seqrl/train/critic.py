@@ -278,6 +278,11 @@ def log_calibration(run_dir, step: int, rows: list[dict]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def pass_rates(hits: Tensor, k: int) -> Tensor:
+    """Per-prompt pass rate from k samples each, rows prompt-major (i·k … i·k + k − 1): [n·k] → [n]."""
+    return hits.double().view(-1, k).mean(dim=1)
+
+
 def calibration_metrics(predicted: Tensor, pass_rate: Tensor) -> dict[str, float]:
     """``critic/calibration_*``: the critic's prediction vs the empirical pass rate per prompt."""
     predicted, pass_rate = predicted.double(), pass_rate.double()

@@ -346,7 +346,7 @@ class Trainer:
         if k:
             out["eval/sampled_acc"] = torch.cat(sampled_hits).mean().item()
         if self.critic is not None and k:  # critic calibration: prediction vs pass rate of k
-            out.update(self._calibration(torch.cat(sampled_hits).view(-1, k).mean(dim=1)))
+            out.update(self._calibration(critic_lib.pass_rates(torch.cat(sampled_hits), k)))
         return reduce_metrics(out, self.dist)
 
     def _calibration(self, pass_rate) -> dict[str, float]:
