@@ -362,3 +362,5 @@ def test_critic_presets_follow_the_papers():
         1.0,
     )
     assert ppo.critic.whiten and ppo.critic.value_clip == 0.5 and ppo.critic.warmup_steps > 0
+    assert ppo.critic.token_loss == "mse"
+    assert load_config("ppo", ["critic.token_loss=bce"]).critic.token_loss == "bce"  # PPO + BCE

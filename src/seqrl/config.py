@@ -289,7 +289,12 @@ class CriticConfig(_Section):
     warmup_steps: int = Field(0, ge=0)  # first RL steps train only the critic (verl critic_warmup)
     num_minibatches: int | None = Field(None, ge=1)  # None = algo.num_minibatches
     ppo_epochs: int = Field(1, ge=1)
-    value_clip: float | None = Field(0.5, gt=0)  # token critic ε_v; None = plain squared error
+    # token critic loss: mse = PPO's clipped squared error; bce = σ(z_t) trained with BCE towards
+    # the returns, the SPPO paper's "PPO + BCE" ablation (§4.3). The scalar critic always uses BCE.
+    token_loss: Literal["mse", "bce"] = "mse"
+    value_clip: float | None = Field(
+        0.5, gt=0
+    )  # token critic ε_v (mse); None = plain squared error
     gamma: float = Field(1.0, ge=0, le=1)  # token critic GAE γ
     lam: float = Field(1.0, ge=0, le=1)  # token critic GAE λ
     whiten: bool = True  # token critic: whiten GAE advantages over the batch's valid tokens

@@ -43,7 +43,9 @@ def make_batch(tok, prompts, responses) -> RolloutBatch:
     )
 
 
-def make_critic(kind, spec="policy", *, lr=1e-2, minibatches=2, micro=3, whiten=False, lam=1.0):
+def make_critic(
+    kind, spec="policy", *, lr=1e-2, minibatches=2, micro=3, whiten=False, lam=1.0, token_loss="mse"
+):
     tok = build_tokenizer()
     policy = build_tiny_model(tok, size="nano", seed=1)
     model = build_critic(spec, policy, tok, seed=2)
@@ -57,6 +59,7 @@ def make_critic(kind, spec="policy", *, lr=1e-2, minibatches=2, micro=3, whiten=
         grad_clip=1.0,
         whiten=whiten,
         lam=lam,
+        token_loss=token_loss,
     )
     return Critic(model, opt, sched, settings), policy, tok
 
@@ -140,6 +143,23 @@ def test_inv32_gae_on_a_real_token_critic():
     next_v = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
     rewards_t = C.token_level_rewards(REWARDS, mask)
     assert_close(td, torch.where(mask, rewards_t + next_v - values, 0.0), rtol=0, atol=1e-6)
+
+
+def test_ppo_bce_token_critic_is_a_per_token_sigmoid_trained_towards_the_reward():
+    """The SPPO paper's "PPO + BCE" ablation (§4.3): V(s_t) = σ(z_t), BCE towards G_t = R."""
+    critic, _, tok = make_critic("token", "builtin:nano", lr=3e-3, token_loss="bce")
+    batch = make_batch(tok, PROMPTS, RESPONSES)
+    mask = batch.response_mask
+    values = critic.values(batch)
+    assert bool(((values > 0) & (values < 1))[mask].all()) and bool((values[~mask] == 0).all())
+    adv, returns = critic.advantages(batch, REWARDS, values)
+    assert_close(adv, torch.where(mask, REWARDS[:, None] - values, 0.0), rtol=0, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        metrics = critic.update(batch, returns, values, gen)
+    assert "critic/value_clip_frac" not in metrics  # the BCE loss, not the clipped MSE
+    fitted = critic.values(batch)
+    assert_close(fitted[mask], returns[mask], rtol=0, atol=0.15)  # 4 sequences: it can fit them
 
 
 def test_calibration_correlations_match_scipy():

@@ -34,7 +34,8 @@ class CriticSettings:
     ppo_epochs: int
     micro_batch_size: int
     grad_clip: float | None
-    value_clip: float | None = 0.5  # token critic ε_v
+    token_loss: str = "mse"  # token critic: "mse" (clipped, PPO) | "bce" (σ(z_t) vs G_t: PPO + BCE)
+    value_clip: float | None = 0.5  # token critic ε_v (mse only)
     gamma: float = 1.0
     lam: float = 1.0
     whiten: bool = True
@@ -109,6 +110,8 @@ class Critic:
     def __init__(self, model, optimizer, scheduler, settings: CriticSettings) -> None:
         if settings.kind not in ("scalar", "token"):
             raise ValueError(f"critic kind must be 'scalar' or 'token', got {settings.kind!r}")
+        if settings.token_loss not in ("mse", "bce"):
+            raise ValueError(f"token_loss must be 'mse' or 'bce', got {settings.token_loss!r}")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.settings = settings
 
@@ -116,12 +119,20 @@ class Critic:
     def kind(self) -> str:
         return self.settings.kind
 
+    @property
+    def sigmoid_values(self) -> bool:
+        """True when the token critic's outputs are logits (PPO + BCE): V(s_t) = σ(z_t)."""
+        return self.kind == "token" and self.settings.token_loss == "bce"
+
     def values(self, batch: RolloutBatch) -> Tensor:
         """Logits [B] (scalar) or values [B, T] (token) at the current critic, no gradient."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return batch_values(self.model, batch, self.kind, self.settings.micro_batch_size)
+            out = batch_values(self.model, batch, self.kind, self.settings.micro_batch_size)
+            if self.sigmoid_values:
+                out = torch.where(batch.response_mask, torch.sigmoid(out), torch.zeros_like(out))
+            return out
         finally:
             self.model.train(was_training)
 
@@ -129,7 +140,7 @@ class Critic:
         self, batch: RolloutBatch, rewards: Tensor, values: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(advantages, critic targets): scalar ([B], R [B]); token ([B, T], returns [B, T])."""
-        rewards = rewards.to(values.dtype)
+        rewards = rewards.to(device=values.device, dtype=values.dtype)
         if self.kind == "scalar":
             return C.sppo_advantages(rewards, values), rewards
         s = self.settings
@@ -163,6 +174,15 @@ class Critic:
                         )  # [b]
                         out = C.bce_value_loss(
                             logits, targets[micro], total_sequences=total_sequences
+                        )
+                    elif self.sigmoid_values:  # PPO + BCE (SPPO §4.3): per-token σ(z_t) vs G_t
+                        logits = token_values(self.model, batch, micro)  # [b, T]
+                        out = C.bce_value_loss(
+                            logits,
+                            targets[micro],
+                            mask[micro],
+                            total_tokens=total_tokens,
+                            total_sequences=total_sequences,
                         )
                     else:
                         values = token_values(self.model, batch, micro)  # [b, T]
@@ -202,7 +222,7 @@ class Critic:
         """
         self.model.eval()
         out = prompt_value_logits(self.model, prompt_ids, prompt_mask)
-        return torch.sigmoid(out) if self.kind == "scalar" else out
+        return torch.sigmoid(out) if self.kind == "scalar" or self.sigmoid_values else out
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -328,6 +348,7 @@ def critic_from_config(cfg, policy, tokenizer, device: torch.device) -> Critic |
         ppo_epochs=c.ppo_epochs,
         micro_batch_size=cfg.algo.micro_batch_size,
         grad_clip=c.grad_clip,
+        token_loss=c.token_loss,
         value_clip=c.value_clip,
         gamma=c.gamma,
         lam=c.lam,
