@@ -6,7 +6,8 @@ One RL step with a critic (spec §2.2–2.3, §4.4), before the policy update:
     advantages, returns = estimate(rewards, values)
         scalar: A = R − sigmoid(z) [B], z read at the last prompt token; target R
         token:  GAE(γ, λ) over per-token values [B, T], optionally whitened; targets G_t
-    critic update: epochs × minibatches of BCE-with-logits (scalar) or clipped MSE (token)
+    critic update: epochs × minibatches of BCE-with-logits (scalar; token with token_loss=bce,
+        the paper's "PPO + BCE") or PPO's clipped squared error (token, token_loss=mse)
 
 The critic is its own model (:mod:`seqrl.models.critic`) with its own AdamW, LR and schedule.
 """
