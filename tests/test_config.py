@@ -188,7 +188,7 @@ def test_malformed_overrides_are_clear():
             "unknown key 'algo.loss.clip_hihg'; did you mean 'algo.loss.clip_high'?",
         ),
         ("algo.kl_coef=0.1", "did you mean 'algo.loss.kl_coef'?"),
-        ("train.lr=1e-3", "did you mean 'optim.lr'?"),
+        ("train.lr=1e-3", "did you mean 'optim.lr' or 'critic.lr'?"),
         ("algo.loss.loss_agg_mode=token-mean", "seqrl calls it 'algo.loss.agg'"),
         ("optim.learning_rate=1e-3", "seqrl calls it 'optim.lr'"),
     ],
@@ -318,7 +318,49 @@ def test_run_name_and_with_overrides():
     assert named.with_overrides(["name=null"]) == cfg
 
 
-def test_critic_algorithms_are_refused_until_the_trainer_builds_critics():
-    for name in ("sppo", "ppo"):
-        with pytest.raises(ConfigError, match=rf"algo.name='{name}'.*critic"):
+def test_critic_less_sppo_and_ppo_are_errors_naming_the_key_to_set():
+    for name, kind, estimator in (("sppo", "scalar", "sppo"), ("ppo", "token", "gae")):
+        with pytest.raises(ConfigError, match=rf"algo.name='{name}'.*set critic.kind={kind}"):
             load_config(None, [f"algo.name={name}"])
+        with pytest.raises(
+            ConfigError, match=rf"algo.name='{name}'.*critic.kind='none'.*{estimator}"
+        ):
+            load_config(name, ["critic.kind=none"])
+    with pytest.raises(ConfigError, match=r"algo.advantage='gae' needs critic.kind=token"):
+        load_config(None, ["algo.advantage=gae"])
+    with pytest.raises(ConfigError, match=r"critic.kind='scalar' but algo.advantage='group'"):
+        load_config(None, ["critic.kind=scalar"])
+    with pytest.raises(ConfigError, match=r"algo.name='sppo' needs algo.advantage=sppo"):
+        load_config("sppo", ["algo.advantage=group"])
+
+
+def test_sppo_with_several_samples_per_prompt_is_allowed_but_warned():
+    cfg = load_config("sppo", ["rollout.group_size=4", "rollout.prompts_per_step=16"])
+    (warning,) = validate_warnings(cfg)
+    assert "rollout.group_size=4" in warning and "N = 1" in warning
+    assert validate_warnings(load_config("sppo")) == []
+
+
+def test_critic_presets_follow_the_papers():
+    sppo, small, ppo = load_config("sppo"), load_config("sppo_small_critic"), load_config("ppo")
+    assert (sppo.rollout.group_size, sppo.algo.advantage, sppo.critic.kind) == (1, "sppo", "scalar")
+    loss = sppo.resolved_loss()
+    assert (loss.clip_low, loss.clip_high, loss.dual_clip_c, loss.agg, loss.kl_coef) == (
+        0.2,
+        0.2,
+        3.0,
+        "token-mean",
+        0.0,
+    )
+    assert sppo.critic.model == "policy" and sppo.critic.warmup_steps == 0
+    assert sppo.critic.lr == 5 * sppo.optim.lr  # the paper's 1.5B ratio: 5e-6 critic, 1e-6 actor
+    assert small.critic.model == "builtin:nano" and small.critic.kind == "scalar"
+    assert (ppo.algo.advantage, ppo.critic.kind, ppo.critic.gamma, ppo.critic.lam) == (
+        "gae",
+        "token",
+        1.0,
+        1.0,
+    )
+    assert ppo.critic.whiten and ppo.critic.value_clip == 0.5 and ppo.critic.warmup_steps > 0
+    assert ppo.critic.token_loss == "mse"
+    assert load_config("ppo", ["critic.token_loss=bce"]).critic.token_loss == "bce"  # PPO + BCE

@@ -1,4 +1,4 @@
-"""The ``seqrl`` command line: train, sft, eval, presets, plot."""
+"""The ``seqrl`` command line: train, sft, eval, presets, plot, diagnose."""
 
 from __future__ import annotations
 
@@ -299,6 +299,45 @@ def eval_(
     Console().print(table)
     if out is not None:
         Console().print(f"per-item results: {out}")
+
+
+diagnose_app = typer.Typer(help="Diagnostics of a finished run.", no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
+
+
+@diagnose_app.command("tail-effect")
+def tail_effect(
+    run_dir: Annotated[Path, typer.Argument(help="a finished PPO run (critic.kind=token)")],
+    prompts: Annotated[int, typer.Option(help="held-out prompts to sample")] = 64,
+    samples: Annotated[int, typer.Option(help="responses per prompt")] = 4,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG path; default RUN_DIR/plots/tail_effect.png")
+    ] = None,
+) -> None:
+    """Plot the token critic's V(s_t) along correct vs incorrect responses (SPPO §2.10)."""
+    from seqrl.train.diagnose import tail_effect as run_tail_effect
+
+    try:
+        r = run_tail_effect(run_dir, prompts=prompts, samples=samples, seed=seed, out=out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
+    def where(point):
+        return (
+            "never (the 95% CIs overlap at the last position with data)"
+            if point is None
+            else str(point)
+        )
+
+    typer.echo(
+        f"{r['responses']} responses ({r['correct']} correct, {r['incorrect']} incorrect), "
+        f"mean length {r['mean_length']:.1f} tokens"
+    )
+    typer.echo(f"separated from position (from start): {where(r['first_separated_from_start'])}")
+    typer.echo(f"separated from position (from end):   {where(r['first_separated_from_end'])}")
+    typer.echo(r["png"])
+    typer.echo(r["json"])
 
 
 @app.command()

@@ -83,6 +83,19 @@ PRESET_INFO: dict[str, tuple[str, str]] = {
         "one sample per prompt, greedy-decoding baseline, verl's clipped loss",
         "arXiv 2310.10505",
     ),
+    "sppo": (
+        "one sample per prompt, A = R − V(prompt) from a scalar BCE critic (policy-sized), "
+        "clip 0.2, dual clip 3",
+        "arXiv 2604.08865",
+    ),
+    "sppo_small_critic": (
+        "SPPO with a decoupled critic smaller than the policy (built-in nano, random init)",
+        "arXiv 2604.08865",
+    ),
+    "ppo": (
+        "token critic, GAE γ = λ = 1, whitened, clipped value loss, critic warm-up (SPPO's baseline)",
+        "arXiv 1707.06347",
+    ),
 }
 
 # Names other frameworks (TRL, verl, OpenRLHF) use for our keys, for unknown-key hints.
@@ -206,7 +219,8 @@ LossOverrides = _loss_overrides_model()
 
 class AlgoConfig(_Section):
     name: str = "gspo"  # one of seqrl.core.POLICY_LOSS_NAMES
-    advantage: Literal["group", "group_centered", "rloo", "remax"] = "group"
+    # sppo = R − V(prompt) from critic.kind=scalar; gae = GAE from critic.kind=token
+    advantage: Literal["group", "group_centered", "rloo", "remax", "sppo", "gae"] = "group"
     adv_eps: float = Field(1e-6, ge=0)
     num_minibatches: int = Field(4, ge=1)  # optimiser steps per rollout batch (per epoch)
     ppo_epochs: int = Field(1, ge=1)
@@ -260,6 +274,36 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=0)
 
 
+# ---- critic (SPPO scalar prompt critic, PPO-GAE token critic) --------------------------------
+
+
+class CriticConfig(_Section):
+    """The value model of SPPO (``kind: scalar``) and PPO-GAE (``kind: token``); its own AdamW."""
+
+    kind: Literal["none", "scalar", "token"] = "none"
+    model: str = Field("policy", min_length=1)  # "policy" (its weights), builtin:SIZE, local dir
+    lr: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)  # linear LR warm-up of the critic's optimizer
+    warmup_steps: int = Field(0, ge=0)  # first RL steps train only the critic (verl critic_warmup)
+    num_minibatches: int | None = Field(None, ge=1)  # None = algo.num_minibatches
+    ppo_epochs: int = Field(1, ge=1)
+    # token critic loss: mse = PPO's clipped squared error; bce = σ(z_t) trained with BCE towards
+    # the returns, the SPPO paper's "PPO + BCE" ablation (§4.3). The scalar critic always uses BCE.
+    token_loss: Literal["mse", "bce"] = "mse"
+    value_clip: float | None = Field(
+        0.5, gt=0
+    )  # token critic ε_v (mse); None = plain squared error
+    gamma: float = Field(1.0, ge=0, le=1)  # token critic GAE γ
+    lam: float = Field(1.0, ge=0, le=1)  # token critic GAE λ
+    whiten: bool = True  # token critic: whiten GAE advantages over the batch's valid tokens
+
+
+# ---- end critic ------------------------------------------------------------------------------
+
+
 class LogConfig(_Section):
     tensorboard: Literal["auto", True, False] = "auto"  # auto = if installed
 
@@ -277,6 +321,7 @@ class RunConfig(_Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -305,19 +350,56 @@ class RunConfig(_Section):
         return config_from_dict(self.model_dump(mode="json"), overrides, source="the config")
 
 
-# Policy-loss names whose advantages need a value model (trainer support is not there yet).
-CRITIC_ALGOS = {"sppo": "a scalar prompt critic, R − V(prompt)", "ppo": "a token critic with GAE"}
+# ---- critic checks -----------------------------------------------------------------------
+# Policy-loss name / advantage estimator → the critic kind it learns its advantage from.
+CRITIC_ALGOS = {"sppo": "scalar", "ppo": "token"}
+CRITIC_ADVANTAGES = {"sppo": "scalar", "gae": "token"}
+_CRITIC_WHAT = {
+    "scalar": "a scalar prompt critic, A = R − V(prompt)",
+    "token": "GAE over a token critic",
+}
+
+
+def _critic_problems(cfg: RunConfig) -> list[str]:
+    out, kind, name, adv = [], cfg.critic.kind, cfg.algo.name, cfg.algo.advantage
+    if name in CRITIC_ALGOS and kind != CRITIC_ALGOS[name]:
+        need = CRITIC_ALGOS[name]
+        estimator = next(a for a, k in CRITIC_ADVANTAGES.items() if k == need)
+        out.append(
+            f"algo.name={name!r} learns its advantage from {_CRITIC_WHAT[need]}, but "
+            f"critic.kind={kind!r}: set critic.kind={need} and algo.advantage={estimator} "
+            f"(or start from `preset: {name}`)"
+        )
+    elif name in CRITIC_ALGOS and adv != next(a for a, k in CRITIC_ADVANTAGES.items() if k == kind):
+        estimator = next(a for a, k in CRITIC_ADVANTAGES.items() if k == kind)
+        out.append(f"algo.name={name!r} needs algo.advantage={estimator}, got {adv!r}")
+    elif adv in CRITIC_ADVANTAGES and kind != CRITIC_ADVANTAGES[adv]:
+        out.append(
+            f"algo.advantage={adv!r} needs critic.kind={CRITIC_ADVANTAGES[adv]} "
+            f"({_CRITIC_WHAT[CRITIC_ADVANTAGES[adv]]}), got critic.kind={kind!r}"
+        )
+    elif kind != "none" and adv not in CRITIC_ADVANTAGES:
+        out.append(
+            f"critic.kind={kind!r} but algo.advantage={adv!r} does not use a critic: set "
+            "critic.kind=none, or algo.advantage=sppo (scalar) / gae (token)"
+        )
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    minibatches = cfg.critic.num_minibatches
+    if kind != "none" and minibatches is not None and batch % minibatches:
+        out.append(
+            f"{batch} sequences per step do not split into critic.num_minibatches={minibatches} "
+            "equal minibatches"
+        )
+    return out
+
+
+# ---- end critic checks -------------------------------------------------------------------
 
 
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
     """Checks that span sections; each message names its dotted keys."""
     problems = _loss_problems(cfg)
-    if cfg.algo.name in CRITIC_ALGOS:
-        problems.append(
-            f"algo.name={cfg.algo.name!r} learns its advantage from a critic "
-            f"({CRITIC_ALGOS[cfg.algo.name]}), which the trainer does not build yet; "
-            "the policy loss is available as seqrl.core.policy_loss"
-        )
+    problems += _critic_problems(cfg)
     if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
@@ -432,6 +514,12 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
         out.append(
             f"algo.loss.max_tokens={loss.max_tokens:g} differs from rollout.max_new_tokens="
             f"{budget}: Dr. GRPO's MAX_TOKENS is the generation budget; change them together"
+        )
+    if cfg.algo.advantage == "sppo" and cfg.rollout.group_size > 1:  # critic warning
+        out.append(
+            f"SPPO with rollout.group_size={cfg.rollout.group_size}: the paper samples one "
+            "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
+            "cost rollout time without changing the estimator"
         )
     if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
         out.append(
@@ -779,6 +867,7 @@ __all__ = [
     "PRESET_INFO",
     "AlgoConfig",
     "ConfigError",
+    "CriticConfig",
     "LogConfig",
     "LossOverrides",
     "ModelConfig",

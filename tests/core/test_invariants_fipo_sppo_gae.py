@@ -2,7 +2,7 @@
 
 Every check runs in float64 on CPU against small local reference loops written here (not the
 library's own helpers), with tight tolerances. Invariant 16 (critic input invariance) needs a
-model and is skipped until the trainer exists.
+model: it runs a real tiny Qwen2 critic (seqrl.models.critic) in float64.
 """
 
 from __future__ import annotations
@@ -175,11 +175,54 @@ def test_inv15_sppo_advantage_independent_of_response_length():
     assert_close(out.loss, -(tok.sum() / n), **TIGHT)
 
 
-def test_inv16_critic_input_invariance_needs_a_model():
-    pytest.skip(
-        "invariant 16 (V(s_p) unchanged by response tokens or prompt left-padding) needs a critic "
-        "model; it belongs to the trainer issue, not seqrl.core"
+def _critic_batch(tok, prompts, responses):
+    """A RolloutBatch (G = 1) of the given prompts and response strings, as the sampler lays out."""
+    from seqrl.rollout.hf import RolloutBatch, response_mask_from_tokens
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    resp = [[*tok.encode(r, add_special_tokens=False), tok.eos_token_id] for r in responses]
+    T = max(map(len, resp))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in resp])
+    mask, truncated = response_mask_from_tokens(ids, tok.eos_token_id)
+    return RolloutBatch(
+        enc["input_ids"],
+        enc["attention_mask"].bool(),
+        ids,
+        mask,
+        torch.zeros(ids.shape),
+        truncated,
+        1,
     )
+
+
+@pytest.mark.parametrize("spec", ["policy", "builtin:nano"])
+def test_inv16_critic_input_invariance_to_response_tokens_and_left_padding(spec):
+    """V(s_p) is read from a prompt-only forward: responses never reach it, padding does not move it."""
+    from seqrl.models import build_tiny_model, build_tokenizer
+    from seqrl.models.critic import build_critic
+    from seqrl.train.critic import batch_values, prompt_value_logits
+
+    tok = build_tokenizer()
+    policy = build_tiny_model(tok, size="nano", seed=3)
+    critic = build_critic(spec, policy, tok, seed=5).to(DT)
+    prompts = ["12+345=", "7+8="]
+    a = _critic_batch(tok, prompts, ["357", "15"])
+    b = _critic_batch(tok, prompts, ["9999999", ""])  # other responses, other lengths
+    za, zb = batch_values(critic, a, "scalar", 8), batch_values(critic, b, "scalar", 8)
+    assert torch.equal(za, zb)
+    # left padding: the short prompt alone (no padding) vs next to a long prompt (4 pad tokens)
+    alone = tok(["7+8="], return_tensors="pt", add_special_tokens=False)
+    z_alone = prompt_value_logits(critic, alone["input_ids"], alone["attention_mask"].bool())
+    assert a.prompt_mask[1].sum() < a.prompt_mask.shape[1]  # it really is left-padded in a
+    assert_close(za[1:].double(), z_alone.double(), rtol=0, atol=1e-6)
+    # the prompt does matter (the test can fail): a different prompt gives a different value
+    c = _critic_batch(tok, ["12+345=", "8+8="], ["357", "15"])
+    assert not torch.equal(batch_values(critic, c, "scalar", 8)[1], za[1])
+    # token critic: V(s_t) sees y_<t only, so changing token k leaves V(s_t≤k) unchanged
+    d = _critic_batch(tok, prompts, ["351", "19"])  # token 2 of row 0, token 1 of row 1 changed
+    vd, va = batch_values(critic, d, "token", 8), batch_values(critic, a, "token", 8)
+    assert torch.equal(vd[0, :3], va[0, :3]) and torch.equal(vd[1, :2], va[1, :2])
+    assert vd[0, 3] != va[0, 3] and vd[1, 2] != va[1, 2]
 
 
 def test_inv17_bce_gradient_wrt_logit_is_sigmoid_minus_reward_over_batch():

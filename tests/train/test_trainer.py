@@ -35,6 +35,8 @@ def test_every_preset_trains_end_to_end(preset, fast_overrides):
     ]
     if preset == "remax":
         overrides.append("rollout.group_size=1")
+    if preset == "ppo":
+        overrides.append("critic.warmup_steps=1")  # 2 steps: let the policy update on the 2nd
     trainer, summary = _run(overrides)
     run = Path(summary["run_dir"])
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -65,10 +67,10 @@ def test_every_preset_trains_end_to_end(preset, fast_overrides):
     assert any(moved)
 
 
-def _final_weights(run_dir: Path) -> dict:
+def _final_weights(run_dir: Path, sub: str = "") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "final" / "model.safetensors"))
+    return load_file(str(run_dir / "final" / sub / "model.safetensors"))
 
 
 def _cli(*args):
@@ -86,8 +88,22 @@ def _sets(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def test_resume_after_kill_is_bit_identical(fast_overrides, tmp_path):
-    common = [o for o in fast_overrides if not o.startswith("name=")]
+# the critic presets: its weights, AdamW moments and schedule are in the checkpoint too
+RESUME_CASES = {
+    "default": [],
+    "sppo": ["preset=sppo", "rollout.group_size=1", "rollout.prompts_per_step=8"],
+    "ppo": [
+        "preset=ppo",
+        "rollout.group_size=1",
+        "rollout.prompts_per_step=8",
+        "critic.warmup_steps=2",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
+    common = [o for o in fast_overrides if not o.startswith("name=")] + RESUME_CASES[case]
     common += ["train.steps=8", "train.checkpoint_every=1", "train.eval_every=3"]
     straight = _cli(*_sets([*common, "name=straight"]))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
@@ -115,6 +131,11 @@ def test_resume_after_kill_is_bit_identical(fast_overrides, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    if case != "default":
+        a, b = _final_weights(tmp_path / "straight", "critic"), _final_weights(run, "critic")
+        assert a.keys() == b.keys() and "score.weight" in a
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"critic {key}"
 
     def comparable(path):
         rows = [json.loads(x) for x in path.read_text().splitlines()]

@@ -29,8 +29,20 @@ PANELS = {
         ],
     ),
     "kl_entropy": ("policy KL to π_old and entropy", ["policy/kl_old", "policy/entropy"]),
+    "critic": (
+        "critic",
+        [
+            "critic/loss",
+            "critic/pred_mean",
+            "critic/calibration_pearson",
+            "critic/calibration_spearman",
+        ],
+    ),
     "fipo": ("FIPO influence weights", ["fipo/weight_mean", "fipo/weight_above_1_frac"]),
-    "time": ("seconds per step", ["time/step_s", "time/rollout_s", "time/train_s"]),
+    "time": (
+        "seconds per step",
+        ["time/step_s", "time/rollout_s", "time/train_s", "time/critic_s"],
+    ),
 }
 
 
@@ -73,7 +85,37 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(out_dir / "overview.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
-    return written
+    calibration = plot_calibration(run_dir)
+    return written + ([calibration] if calibration else [])
+
+
+def plot_calibration(run_dir: str | Path) -> Path | None:
+    """The critic's predicted success probability vs the empirical pass rate per held-out
+    prompt, first and last eval (from calibration.jsonl): plots/calibration.png, or None."""
+    import json
+
+    path = Path(run_dir) / "calibration.jsonl"
+    if not path.exists():
+        return None
+    evals = [json.loads(x) for x in path.read_text().splitlines() if x]
+    if not evals:
+        return None
+    shown = [evals[0], evals[-1]] if len(evals) > 1 else evals
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.2), squeeze=False)
+    for ax, e in zip(axes.flat, shown, strict=True):
+        ax.scatter(e["pass_rate"], e["predicted"], s=12, alpha=0.6)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("empirical pass rate (k samples)")
+        ax.set_ylabel("critic prediction")
+        ax.set_title(f"step {e['step']}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"critic calibration: {Path(run_dir).name}")
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / "calibration.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def _draw(ax, records: list[dict], title: str, keys: list[str]) -> None:

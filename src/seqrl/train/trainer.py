@@ -23,9 +23,11 @@ from rich.table import Table
 
 from seqrl.config import RunConfig, load_config
 from seqrl.models import load_policy, save_policy
+from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
 from seqrl.tasks import get_task
 from seqrl.train import checkpoint as ckpt
+from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
 from seqrl.train.metrics import RunLogger, quantiles, truncate_jsonl
 from seqrl.train.step import (
@@ -138,6 +140,8 @@ class Trainer:
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
         )
+        # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
+        self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
         self.state = TrainState()
         self.logger: RunLogger | None = None
         self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
@@ -165,8 +169,10 @@ class Trainer:
         self.optimizer.load_state_dict(c.state["optimizer"])
         self.scheduler.load_state_dict(c.state["scheduler"])
         self.state = TrainState(**c.state["trainer"])
+        if self.critic is not None:
+            self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
             truncate_jsonl(self.run_dir / name, self.state.step)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
@@ -179,6 +185,8 @@ class Trainer:
             "trainer": vars(self.state).copy(),
             "rng": ckpt.rng_state(),
         }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
         ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.state.step,
@@ -217,10 +225,18 @@ class Trainer:
         if cfg.algo.advantage == "remax":
             greedy = self.sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
             _, greedy_rewards = score_rollout(self.tokenizer, self.task, greedy, examples)
-        advantages = compute_advantages(
-            cfg.algo.advantage, rewards, G, eps=cfg.algo.adv_eps, greedy_rewards=greedy_rewards
-        )
         t_rollout = time.perf_counter() - t0
+        critic_metrics = {}
+        if self.critic is not None:  # values before the critic's update, then its update
+            critic_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 500_000)
+            advantages, critic_metrics = critic_lib.critic_step(
+                self.critic, batch, rewards, critic_gen
+            )
+            critic_metrics["time/critic_s"] = time.perf_counter() - t0 - t_rollout
+        else:
+            advantages = compute_advantages(
+                cfg.algo.advantage, rewards, G, eps=cfg.algo.adv_eps, greedy_rewards=greedy_rewards
+            )
 
         micro = cfg.algo.micro_batch_size
         temperature = cfg.rollout.temperature
@@ -239,16 +255,19 @@ class Trainer:
             )
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lr = self.optimizer.param_groups[0]["lr"]
-        train_metrics, skipped = update_policy(
-            self.model,
-            self.optimizer,
-            batch,
-            advantages,
-            old_logprobs,
-            ref_logprobs,
-            self.update_settings,
-            generator,
-        )
+        if self.critic is not None and step <= cfg.critic.warmup_steps:
+            train_metrics, skipped = {}, 0  # critic warm-up: the policy is not updated
+        else:
+            train_metrics, skipped = update_policy(
+                self.model,
+                self.optimizer,
+                batch,
+                advantages,
+                old_logprobs,
+                ref_logprobs,
+                self.update_settings,
+                generator,
+            )
         with (
             warnings.catch_warnings()
         ):  # all updates skipped (non-finite) still advance the schedule
@@ -268,6 +287,7 @@ class Trainer:
             "train/nonfinite_skipped": float(skipped),
             **quantiles(lengths, "response_len"),
             **train_metrics,
+            **critic_metrics,
             "time/rollout_s": t_rollout,
             "time/train_s": t_step - t_rollout,
             "time/step_s": t_step,
@@ -325,7 +345,20 @@ class Trainer:
         }
         if k:
             out["eval/sampled_acc"] = torch.cat(sampled_hits).mean().item()
+        if self.critic is not None and k:  # critic calibration: prediction vs pass rate of k
+            out.update(self._calibration(critic_lib.pass_rates(torch.cat(sampled_hits), k)))
         return reduce_metrics(out, self.dist)
+
+    def _calibration(self, pass_rate) -> dict[str, float]:
+        predicted = critic_lib.eval_predictions(self.critic, self.sampler, self.eval_examples)
+        if self.logger is not None:
+            self._calibration_rows = [
+                {"prompt": e.prompt, "predicted": p, "pass_rate": r}
+                for e, p, r in zip(
+                    self.eval_examples, predicted.tolist(), pass_rate.tolist(), strict=True
+                )
+            ]
+        return critic_lib.calibration_metrics(predicted, pass_rate)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -383,6 +416,10 @@ class Trainer:
             self._save()
             if self.dist.is_main:
                 save_policy(self.model, self.tokenizer, self.run_dir / "final")
+                if self.critic is not None:
+                    save_critic(
+                        self.critic.model, self.tokenizer, self.run_dir / "final" / "critic"
+                    )
         finally:
             self.logger.close()
         summary = self.summary()
@@ -395,6 +432,8 @@ class Trainer:
         self.state.evals[step] = metrics
         if self.logger is not None:
             self.logger.log(step, metrics)
+            if self.critic is not None and self.dist.is_main:
+                critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
 
     def summary(self) -> dict:
         evals = self.state.evals

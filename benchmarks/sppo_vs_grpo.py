@@ -1,0 +1,246 @@
+"""SPPO (N = 1) vs GRPO (N = 8) vs PPO-GAE (N = 1) on the built-in addition task.
+
+The SPPO paper's headline (arXiv 2604.08865 §5.1): one sample per prompt and a learned prompt
+critic reach GRPO's accuracy much sooner in wall-clock time. Here every algorithm runs its own
+seqrl preset (sppo, grpo, ppo) on the same warm start (the presets' builtin:tiny-addition-noisy), the same prompts
+per step, steps, learning rate, minibatches and held-out set; only the algorithm differs (and
+with it the samples per prompt: SPPO 1, GRPO 8, PPO 1). Each (algorithm, seed) runs in its own
+process, one CPU thread, one after the other.
+
+Reported per run and summarised over seeds (mean ± sample std):
+- time to target: training wall-clock (rollout + critic + policy update, evaluation excluded)
+  until held-out greedy accuracy first reaches ``start + --target-gain`` (start = the shared
+  warm start's accuracy on the held-out set), "not reached" if it never does;
+- rollout tokens to target: sampled response tokens generated for training until then;
+- final held-out greedy accuracy;
+- peak memory: the worker process's peak resident set size, ``resource.getrusage(RUSAGE_SELF)
+  .ru_maxrss`` (includes the Python + torch baseline, which is also reported);
+- a PNG of held-out accuracy vs training wall-clock.
+
+    python benchmarks/sppo_vs_grpo.py                       # defaults: ≈ 10 min on 2 CPU cores
+    python benchmarks/sppo_vs_grpo.py --steps 150 --seeds 0 1 2 3 4   # longer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ALGOS = {"sppo": 1, "grpo": 8, "ppo": 1}  # preset → samples per prompt (the presets' own)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> None:
+    """One (algo, seed) run in this process; writes its curve and memory figures as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from seqrl.config import load_config
+    from seqrl.train.trainer import Trainer
+
+    overrides = [
+        f"preset={args.algo}",
+        f"seed={args.seed}",
+        f"rollout.group_size={ALGOS[args.algo]}",
+        f"rollout.prompts_per_step={args.prompts_per_step}",
+        f"train.steps={args.steps}",
+        f"train.eval_every={args.eval_every}",
+        f"task.eval_size={args.eval_size}",
+        "train.eval_samples=1",
+        "train.checkpoint_every=0",
+        "train.log_samples=0",
+        "log.tensorboard=false",
+        f"output_dir={args.run_root}",
+        f"name={args.algo}-seed{args.seed}",
+    ]
+    if args.algo == "ppo":
+        overrides.append(f"critic.warmup_steps={args.ppo_critic_warmup}")
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, progress=False)
+    rss_before = _rss_mib()
+    trainer.fit()
+    records = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    B = args.prompts_per_step * ALGOS[args.algo]
+    elapsed, tokens, curve = 0.0, 0.0, []
+    for r in records:  # step records then eval records of the same step, in file order
+        if "time/step_s" in r:
+            elapsed += r["time/step_s"]
+            tokens += r["response_len/mean"] * B
+        if "eval/greedy_acc" in r:
+            curve.append(
+                {
+                    "step": r["step"],
+                    "time_s": elapsed,
+                    "tokens": tokens,
+                    "acc": r["eval/greedy_acc"],
+                }
+            )
+    out = {
+        "algo": args.algo,
+        "seed": args.seed,
+        "curve": curve,
+        "train_time_s": elapsed,
+        "rollout_tokens": tokens,
+        "rss_before_train_mib": rss_before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
+def _reach(curve: list[dict], target: float) -> dict | None:
+    return next((p for p in curve if p["acc"] >= target - 1e-12), None)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.3g}"
+    return f"{statistics.mean(xs):.3g} ± {statistics.stdev(xs):.2g}"
+
+
+def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
+    start = statistics.mean(r["curve"][0]["acc"] for r in results)  # the same warm start
+    target = start + target_gain
+    lines = [
+        f"held-out greedy accuracy at step 0 (shared warm start): {start:.3f}; "
+        f"target = start + {target_gain:g} = {target:.3f}",
+        "",
+        "| algo | N | reached target | time to target (s) | rollout tokens to target | "
+        "final acc | best acc | train time (s) | rollout tokens | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for algo in ALGOS:
+        rs = [r for r in results if r["algo"] == algo]
+        if not rs:
+            continue
+        hits = [_reach(r["curve"], target) for r in rs]
+        reached = [h for h in hits if h is not None]
+        lines.append(
+            f"| {algo} | {ALGOS[algo]} | {len(reached)}/{len(rs)} "
+            f"| {_mean_std([h['time_s'] for h in reached]) if reached else 'not reached'} "
+            f"| {_mean_std([h['tokens'] for h in reached]) if reached else 'not reached'} "
+            f"| {_mean_std([r['curve'][-1]['acc'] for r in rs])} "
+            f"| {_mean_std([max(p['acc'] for p in r['curve']) for r in rs])} "
+            f"| {_mean_std([r['train_time_s'] for r in rs])} "
+            f"| {_mean_std([r['rollout_tokens'] for r in rs])} "
+            f"| {_mean_std([r['peak_rss_mib'] for r in rs])} |"
+        )
+    lines.append("")
+    lines.append(
+        "per seed (time to target s / final acc): "
+        + "; ".join(
+            f"{r['algo']} s{r['seed']}: "
+            + (f"{h['time_s']:.1f}" if (h := _reach(r["curve"], target)) else "–")
+            + f" / {r['curve'][-1]['acc']:.3f}"
+            for r in results
+        )
+    )
+    lines.append(
+        "RSS before training (model loaded): "
+        + ", ".join(
+            f"{a} {_mean_std([r['rss_before_train_mib'] for r in results if r['algo'] == a])} MiB"
+            for a in ALGOS
+            if any(r["algo"] == a for r in results)
+        )
+    )
+    _plot(results, target, out_dir / "sppo_vs_grpo.png")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"sppo": "tab:blue", "grpo": "tab:orange", "ppo": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for algo in ALGOS:
+        for i, r in enumerate(x for x in results if x["algo"] == algo):
+            ax.plot(
+                [p["time_s"] for p in r["curve"]],
+                [p["acc"] for p in r["curve"]],
+                color=colours[algo],
+                marker="o",
+                markersize=3,
+                alpha=0.7,
+                label=f"{algo} (N = {ALGOS[algo]})" if i == 0 else None,
+            )
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-size", type=int, default=200)
+    p.add_argument("--target-gain", type=float, default=0.03)
+    p.add_argument("--ppo-critic-warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/sppo_vs_grpo"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--algo", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--run-root", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, t0 = [], time.perf_counter()
+    for algo in args.algos:
+        for seed in args.seeds:
+            worker_out = args.out / f"{algo}-seed{seed}.json"
+            cmd = [
+                sys.executable, __file__, "--worker", "--algo", algo, "--seed", str(seed),
+                "--worker-out", str(worker_out), "--run-root", str(args.out / "runs"),
+                "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+                "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
+                "--ppo-critic-warmup", str(args.ppo_critic_warmup),
+            ]  # fmt: skip
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            subprocess.run(cmd, check=True, env=env)
+            results.append(json.loads(worker_out.read_text()))
+            print(f"{algo} seed {seed}: done ({time.perf_counter() - t0:.0f} s total)", flush=True)
+    table = summarise(results, args.target_gain, args.out)
+    header = (
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"1 torch thread per run; total {time.perf_counter() - t0:.0f} s\n"
+        f"command: python benchmarks/sppo_vs_grpo.py {' '.join(sys.argv[1:])}\n"
+        f"steps {args.steps}, {args.prompts_per_step} prompts/step, eval every {args.eval_every} "
+        f"steps on {args.eval_size} held-out prompts\n"
+    )
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "summary.md").write_text(header + "\n" + table + "\n")
+    print(header + "\n" + table)
+    print(f"plot: {args.out / 'sppo_vs_grpo.png'}")
+
+
+if __name__ == "__main__":
+    main()
