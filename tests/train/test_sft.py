@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seqrl.models import load_policy
-from seqrl.tasks import get_task
+from seqrl.tasks import AdditionTask, Task, get_task
 from seqrl.train.sft import SFTSettings, encode_sft_batch, run_sft, sft_targets
 
 
@@ -76,7 +76,18 @@ def test_sft_targets_slip_at_the_requested_rate_and_only_where_possible():
 
 
 def test_teacher_slip_on_a_task_without_slips_is_a_clear_error():
+    class NoSlips(AdditionTask):  # the base Task's default: no typical mistake defined
+        def slip_target(self, example):
+            return Task.slip_target(self, example)
+
     model, tok = load_policy("builtin:nano")
-    task = get_task("scratchpad", digits=2, operands=3, seed=1)
     with pytest.raises(ValueError, match="defines no teacher slip"):
-        run_sft(model, tok, task, SFTSettings(steps=1, teacher_slip_rate=0.5))
+        run_sft(model, tok, NoSlips(digits=2, seed=1), SFTSettings(steps=1, teacher_slip_rate=0.5))
+
+
+def test_scratchpad_slip_forgets_the_first_ones_carry_and_carries_on():
+    task = get_task("scratchpad", digits=2, operands=3, seed=1)
+    ex = task.make_example([17, 25, 36])  # 17+25: ones 7+5 = 12 carry; the slip writes 32
+    assert task.slip_target(ex) == "17+25=30+12=32\n32+36=60+8=68\n#68"
+    assert task.score(task.slip_target(ex), ex) == 0.0 and ex.answer == "78"
+    assert task.slip_target(task.make_example([12, 34, 52])) is None  # no ones carry anywhere

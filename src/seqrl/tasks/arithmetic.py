@@ -137,3 +137,19 @@ class ScratchpadTask(Task):
     def sft_target(self, example: Example) -> str:
         """Built from the prompt (``"12+34+56="``), so it does not depend on ``meta``."""
         return self.target_for([int(x) for x in example.prompt.rstrip("=").split("+")])
+
+    def slip_target(self, example: Example) -> str | None:
+        """The first line whose ones carry (``O >= 10``) forgets it: ``s = H + O - 10``; the
+        later lines carry on correctly from that wrong running total, so the final answer is
+        10 short. None when no line's ones carry."""
+        operands = [int(x) for x in example.prompt.rstrip("=").split("+")]
+        lines, total, slipped = [], operands[0], False
+        for y in operands[1:]:
+            high = (total - total % 10) + (y - y % 10)
+            ones = total % 10 + y % 10
+            step = high + ones
+            if ones >= 10 and not slipped:
+                step, slipped = step - 10, True
+            lines.append(f"{total}+{y}={high}+{ones}={step}")
+            total = step
+        return "\n".join([*lines, f"#{total}"]) if slipped else None
