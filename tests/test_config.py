@@ -50,7 +50,7 @@ def test_every_preset_loads_validates_and_has_no_warnings(name):
     cfg = load_config(name)
     assert isinstance(cfg, RunConfig)
     loss = cfg.resolved_loss()
-    assert loss == resolve_policy_loss_config(cfg.algo.name, **cfg.algo.loss)
+    assert loss == resolve_policy_loss_config(cfg.algo.name, **cfg.loss_overrides())
     assert validate_warnings(cfg) == []
     # the preset is a packaged file too: `preset: NAME` in a YAML gives the same config
     assert config_from_dict({"preset": name}) == cfg
@@ -67,8 +67,15 @@ def test_preset_contents_follow_the_papers():
     grpo = load_config("grpo")
     assert grpo.resolved_loss().kl_coef == 0.04 and grpo.model.reference is None
 
-    dapo = load_config("dapo").resolved_loss()
+    dapo = load_config("dapo").resolved_loss()  # the paper's objective: no dual clip
     assert (dapo.clip_low, dapo.clip_high, dapo.dual_clip_c, dapo.agg) == (
+        0.2,
+        0.28,
+        None,
+        "token-mean",
+    )
+    verl = load_config("dapo_verl").resolved_loss()  # verl's script adds clip_ratio_c = 10
+    assert (verl.clip_low, verl.clip_high, verl.dual_clip_c, verl.agg) == (
         0.2,
         0.28,
         10.0,
@@ -291,9 +298,9 @@ def test_to_yaml_round_trips(tmp_path, name):
 
 
 def test_loss_overrides_keep_only_explicit_fields():
-    dapo = load_config("dapo")
+    dapo = load_config("dapo_verl")
     assert dict(dapo.algo.loss) == {} and "dual_clip_c" not in dapo.algo.loss
-    off = load_config("dapo", ["algo.loss.dual_clip_c=null"])
+    off = load_config("dapo_verl", ["algo.loss.dual_clip_c=null"])
     assert dict(off.algo.loss) == {"dual_clip_c": None}
     assert off != dapo  # an explicit None is not the same as leaving the preset's 10
     assert off.resolved_loss() == dataclasses.replace(
