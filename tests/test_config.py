@@ -329,3 +329,50 @@ def test_critic_algorithms_are_refused_until_the_trainer_builds_critics():
     for name in ("sppo", "ppo"):
         with pytest.raises(ConfigError, match=rf"algo.name='{name}'.*critic"):
             load_config(None, [f"algo.name={name}"])
+
+
+# --------------------------------------------------------------------------- DAPO and FIPO
+
+
+def test_fipo_presets_take_their_loss_from_core_fipo_presets():
+    from seqrl.core import FIPO_PRESETS
+
+    for preset, key in (("fipo", "official_32b"), ("fipo_7b", "7b"), ("fipo_swift", "ms_swift")):
+        cfg = load_config(preset)
+        assert cfg.algo.fipo_preset == key and dict(cfg.algo.loss) == {}
+        assert cfg.resolved_loss() == resolve_policy_loss_config("fipo", **FIPO_PRESETS[key])
+        assert cfg.algo.num_minibatches * cfg.algo.ppo_epochs > 1  # off-policy by default
+    # algo.loss still overrides the FIPO preset field by field
+    cfg = load_config("fipo_7b", ["algo.loss.safety_threshold=5"])
+    assert cfg.resolved_loss().safety_threshold == 5 and cfg.resolved_loss().influence_min == 0.8
+    with pytest.raises(
+        ConfigError, match=r"algo.fipo_preset='7b' only applies to algo.name='fipo'"
+    ):
+        load_config("fipo_7b", ["algo.name=dapo"])
+
+
+def test_dapo_presets_turn_on_the_data_side():
+    for preset in ("dapo", "dapo_verl", "fipo"):
+        cfg = load_config(preset)
+        assert cfg.rollout.dynamic_sampling and cfg.reward.overlong_buffer is not None
+        assert cfg.reward.incorrect == -1.0 and cfg.resolved_loss().kl_coef == 0
+        assert cfg.resolved_loss().agg == "token-mean"
+    assert load_config("dapo").optim.warmup_steps == 20  # the paper; verl's script: 10
+    assert load_config("dapo_verl").optim.warmup_steps == 10
+
+
+def test_overlong_window_must_fit_the_budget():
+    with pytest.raises(
+        ConfigError, match=r"reward.overlong_buffer=11 exceeds the generation budget 10"
+    ):
+        load_config("dapo", ["reward.overlong_buffer=11"])
+    # the task's own budget counts when rollout.max_new_tokens is null (addition, 3 digits: 6)
+    with pytest.raises(ConfigError, match="budget 6"):
+        load_config("dapo", ["rollout.max_new_tokens=null", "reward.overlong_buffer=7"])
+
+
+def test_fully_on_policy_fipo_warns():
+    warnings = validate_warnings(load_config("fipo", ["algo.num_minibatches=1"]))
+    assert any("FIPO's future-KL weights are all 1" in w for w in warnings)
+    sampler = load_config("fipo", ["algo.num_minibatches=1", "rollout.old_logprobs_source=sampler"])
+    assert validate_warnings(sampler) == []

@@ -86,8 +86,18 @@ def _sets(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def test_resume_after_kill_is_bit_identical(fast_overrides, tmp_path):
-    common = [o for o in fast_overrides if not o.startswith("name=")]
+DAPO_RESUME = [  # dynamic sampling draws extra prompts: they must follow from the step alone
+    "preset=dapo",
+    "model.policy=builtin:tiny-addition",
+    "rollout.gen_batch_prompts=8",
+    "rollout.max_gen_batches=3",
+    "algo.num_minibatches=4",
+]
+
+
+@pytest.mark.parametrize("extra", [[], DAPO_RESUME], ids=["default", "dapo"])
+def test_resume_after_kill_is_bit_identical(fast_overrides, tmp_path, extra):
+    common = [o for o in fast_overrides if not o.startswith("name=")] + extra
     common += ["train.steps=8", "train.checkpoint_every=1", "train.eval_every=3"]
     straight = _cli(*_sets([*common, "name=straight"]))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
@@ -123,6 +133,9 @@ def test_resume_after_kill_is_bit_identical(fast_overrides, tmp_path):
         ]
 
     assert comparable(run / "metrics.jsonl") == comparable(tmp_path / "straight" / "metrics.jsonl")
+    if extra:  # the side stream of extra prompts was really used, before and after the kill
+        rows = comparable(run / "metrics.jsonl")
+        assert any(r.get("sampling/gen_batches", 0) > 1 for r in rows if r["step"] > 3)
 
 
 def test_nonfinite_updates_are_skipped_then_abort_with_a_usable_checkpoint(fast_overrides):
