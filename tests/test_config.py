@@ -376,3 +376,9 @@ def test_fully_on_policy_fipo_warns():
     assert any("FIPO's future-KL weights are all 1" in w for w in warnings)
     sampler = load_config("fipo", ["algo.num_minibatches=1", "rollout.old_logprobs_source=sampler"])
     assert validate_warnings(sampler) == []
+
+
+def test_dynamic_sampling_with_one_sample_per_prompt_warns():
+    cfg = load_config("remax", ["rollout.dynamic_sampling=true"])
+    assert any("keeps every group" in w for w in validate_warnings(cfg))
+    assert not any("keeps every group" in w for w in validate_warnings(load_config("dapo")))

@@ -492,6 +492,11 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"algo.loss.max_tokens={loss.max_tokens:g} differs from rollout.max_new_tokens="
             f"{budget}: Dr. GRPO's MAX_TOKENS is the generation budget; change them together"
         )
+    if cfg.rollout.dynamic_sampling and cfg.rollout.group_size == 1:
+        out.append(
+            "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
+            "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
+        )
     if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
         out.append(
             f"algo.advantage={cfg.algo.advantage!r} with rollout.group_size=1: every advantage "
