@@ -308,3 +308,31 @@ def test_dapo_and_fipo_presets_run_from_the_cli(preset, tmp_path):
         assert all(key in r for r in steps), key
     if preset == "fipo":  # 8 minibatches per rollout: 7 of 8 updates are off-policy
         assert any(r["fipo/weight_above_1_frac"] > 0 for r in steps)
+
+
+def test_fipo_logs_a_token_mean_loss_with_the_drop_rule_on(tmp_path):
+    # at θ = θ_old no token is dual-clipped, so the drop rule drops nothing and both report
+    # the same token-mean loss (the drop-rule path accumulates token sums, then divides)
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path)
+    out = _rollout(trainer, 1)
+    adv = torch.randn(len(out.texts), generator=torch.Generator().manual_seed(2))  # [B]
+    logged = {}
+    for drop in (True, False):
+        model = copy.deepcopy(trainer.model)
+        settings = UpdateSettings(
+            loss_name="fipo",
+            loss_overrides={"drop_dual_clipped_sequences": drop},
+            num_minibatches=1,
+            ppo_epochs=1,
+            micro_batch_size=4,  # 4 micro-batches
+            grad_clip=1.0,
+            temperature=1.0,
+        )
+        old = batch_logprobs(model, out.batch, temperature=1.0, micro_batch_size=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        metrics, _ = update_policy(
+            model, opt, out.batch, adv, old, None, settings, torch.Generator().manual_seed(0)
+        )
+        logged[drop] = metrics["loss/policy"]
+    assert logged[True] == pytest.approx(logged[False], rel=1e-6)
