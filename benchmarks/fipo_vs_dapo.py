@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
     p.add_argument("--gen-batch-prompts", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--max-gen-batches", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=2e-5, help="the presets' learning rate")
     p.add_argument("--eval-size", type=int, default=64, help="held-out problems per evaluation")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--sft-steps", type=int, default=150)
@@ -183,7 +183,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     colors = {"DAPO": "tab:blue", "FIPO": "tab:red"}
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+    for ax, (key, panel_title) in zip(axes.flat, panels, strict=True):
         for arm, runs in results.items():
             curves = [series(rows, key) for rows in runs]
             for steps, values in curves:
@@ -192,7 +192,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
             if all(c[0] == steps for c in curves):
                 mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
                 ax.plot(steps, mean, color=colors[arm], linewidth=2, label=f"{arm} (mean)")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
