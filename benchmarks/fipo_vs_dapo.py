@@ -214,7 +214,11 @@ def main() -> None:
     budget = task.max_new_tokens
     start = time.perf_counter()
     policy, sft = warm_start(args, task, console)
-    console.print(f"warm start: {policy} ({sft.get('source')}, greedy acc {sft.get('greedy_acc')})")
+    acc = sft.get("greedy_acc")
+    about = f"{sft.get('source')}" + (
+        f", SFT held-out greedy acc {acc:.3f}" if acc is not None else ""
+    )
+    console.print(f"warm start: {policy} ({about})")
 
     results: dict[str, list[list[dict]]] = {arm: [] for arm in ARMS}
     for seed in args.seeds:
@@ -257,7 +261,7 @@ def main() -> None:
         f"{title}, budget {budget} tokens, {args.prompts} prompts × {args.group} samples per "
         f"step, {args.steps} steps, seeds {args.seeds}, mean ± sd over seeds"
     )
-    print(f"warm start: {sft.get('source')}, SFT held-out greedy acc {sft.get('greedy_acc')}")
+    print(f"warm start: {about}")
     print("\n".join(lines))
     print(f"\ncurves: {png}")
     print(
