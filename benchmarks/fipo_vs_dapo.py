@@ -6,15 +6,15 @@ minibatches per rollout). The DAPO arm only sets ``algo.name=dapo`` (no future-K
 sequence-drop rule); every other setting, the warm start, the data order and the seeds are the
 same. Curves go to a PNG, the table to stdout.
 
-Task: by default 3-digit addition with the shipped warm start ``builtin:tiny-addition``, which
-runs in about 10 minutes on 2 CPU cores. Its answers have a fixed length, so it cannot show the
-length growth FIPO reports; the built-in long-answer task is ``--task scratchpad``, for which no
-warm start ships: the script trains one with ``seqrl.train.sft.run_sft`` (cached in the output
-folder; ``--warm-start DIR`` reuses one). 150 SFT steps from scratch left it at 0% held-out
-accuracy on our machine, so the scratchpad run needs far more SFT steps (``--sft-steps``) and
-time than the default.
+Task: by default 3-digit addition with the shipped warm start ``builtin:tiny-addition`` (17
+minutes at lr 5e-5 on 2 CPU cores shared with another job). Its answers have a fixed length, so
+it cannot show the length growth FIPO reports. The built-in long-answer task is
+``--task scratchpad``, for which no warm start ships: the script trains one with
+``seqrl.train.sft.run_sft`` from ``--sft-from`` (cached in the output folder; ``--warm-start
+DIR`` reuses one). 150 SFT steps from ``builtin:tiny`` (batch 32, lr 2e-3) left it at 0%
+held-out accuracy, so a scratchpad run needs far more SFT steps and time than the default.
 
-    python benchmarks/fipo_vs_dapo.py                                     # ~10 min, addition
+    python benchmarks/fipo_vs_dapo.py                                     # addition, 15 steps
     python benchmarks/fipo_vs_dapo.py --steps 100 --eval-size 200         # longer
     python benchmarks/fipo_vs_dapo.py --task scratchpad --sft-steps 2000 --steps 100
 """
