@@ -50,7 +50,7 @@ def test_every_preset_loads_validates_and_has_no_warnings(name):
     cfg = load_config(name)
     assert isinstance(cfg, RunConfig)
     loss = cfg.resolved_loss()
-    assert loss == resolve_policy_loss_config(cfg.algo.name, **cfg.algo.loss)
+    assert loss == resolve_policy_loss_config(cfg.algo.name, **cfg.loss_overrides())
     assert validate_warnings(cfg) == []
     # the preset is a packaged file too: `preset: NAME` in a YAML gives the same config
     assert config_from_dict({"preset": name}) == cfg
@@ -67,8 +67,15 @@ def test_preset_contents_follow_the_papers():
     grpo = load_config("grpo")
     assert grpo.resolved_loss().kl_coef == 0.04 and grpo.model.reference is None
 
-    dapo = load_config("dapo").resolved_loss()
+    dapo = load_config("dapo").resolved_loss()  # the paper's objective: no dual clip
     assert (dapo.clip_low, dapo.clip_high, dapo.dual_clip_c, dapo.agg) == (
+        0.2,
+        0.28,
+        None,
+        "token-mean",
+    )
+    verl = load_config("dapo_verl").resolved_loss()  # verl's script adds clip_ratio_c = 10
+    assert (verl.clip_low, verl.clip_high, verl.dual_clip_c, verl.agg) == (
         0.2,
         0.28,
         10.0,
@@ -291,9 +298,9 @@ def test_to_yaml_round_trips(tmp_path, name):
 
 
 def test_loss_overrides_keep_only_explicit_fields():
-    dapo = load_config("dapo")
+    dapo = load_config("dapo_verl")
     assert dict(dapo.algo.loss) == {} and "dual_clip_c" not in dapo.algo.loss
-    off = load_config("dapo", ["algo.loss.dual_clip_c=null"])
+    off = load_config("dapo_verl", ["algo.loss.dual_clip_c=null"])
     assert dict(off.algo.loss) == {"dual_clip_c": None}
     assert off != dapo  # an explicit None is not the same as leaving the preset's 10
     assert off.resolved_loss() == dataclasses.replace(
@@ -364,3 +371,56 @@ def test_critic_presets_follow_the_papers():
     assert ppo.critic.whiten and ppo.critic.value_clip == 0.5 and ppo.critic.warmup_steps > 0
     assert ppo.critic.token_loss == "mse"
     assert load_config("ppo", ["critic.token_loss=bce"]).critic.token_loss == "bce"  # PPO + BCE
+
+
+# --------------------------------------------------------------------------- DAPO and FIPO
+
+
+def test_fipo_presets_take_their_loss_from_core_fipo_presets():
+    from seqrl.core import FIPO_PRESETS
+
+    for preset, key in (("fipo", "official_32b"), ("fipo_7b", "7b"), ("fipo_swift", "ms_swift")):
+        cfg = load_config(preset)
+        assert cfg.algo.fipo_preset == key and dict(cfg.algo.loss) == {}
+        assert cfg.resolved_loss() == resolve_policy_loss_config("fipo", **FIPO_PRESETS[key])
+        assert cfg.algo.num_minibatches * cfg.algo.ppo_epochs > 1  # off-policy by default
+    # algo.loss still overrides the FIPO preset field by field
+    cfg = load_config("fipo_7b", ["algo.loss.safety_threshold=5"])
+    assert cfg.resolved_loss().safety_threshold == 5 and cfg.resolved_loss().influence_min == 0.8
+    with pytest.raises(
+        ConfigError, match=r"algo.fipo_preset='7b' only applies to algo.name='fipo'"
+    ):
+        load_config("fipo_7b", ["algo.name=dapo"])
+
+
+def test_dapo_presets_turn_on_the_data_side():
+    for preset in ("dapo", "dapo_verl", "fipo"):
+        cfg = load_config(preset)
+        assert cfg.rollout.dynamic_sampling and cfg.reward.overlong_buffer is not None
+        assert cfg.reward.incorrect == -1.0 and cfg.resolved_loss().kl_coef == 0
+        assert cfg.resolved_loss().agg == "token-mean"
+    assert load_config("dapo").optim.warmup_steps == 20  # the paper; verl's script: 10
+    assert load_config("dapo_verl").optim.warmup_steps == 10
+
+
+def test_overlong_window_must_fit_the_budget():
+    with pytest.raises(
+        ConfigError, match=r"reward.overlong_buffer=11 exceeds the generation budget 10"
+    ):
+        load_config("dapo", ["reward.overlong_buffer=11"])
+    # the task's own budget counts when rollout.max_new_tokens is null (addition, 3 digits: 6)
+    with pytest.raises(ConfigError, match="budget 6"):
+        load_config("dapo", ["rollout.max_new_tokens=null", "reward.overlong_buffer=7"])
+
+
+def test_fully_on_policy_fipo_warns():
+    warnings = validate_warnings(load_config("fipo", ["algo.num_minibatches=1"]))
+    assert any("FIPO's future-KL weights are all 1" in w for w in warnings)
+    sampler = load_config("fipo", ["algo.num_minibatches=1", "rollout.old_logprobs_source=sampler"])
+    assert validate_warnings(sampler) == []
+
+
+def test_dynamic_sampling_with_one_sample_per_prompt_warns():
+    cfg = load_config("remax", ["rollout.dynamic_sampling=true"])
+    assert any("keeps every group" in w for w in validate_warnings(cfg))
+    assert not any("keeps every group" in w for w in validate_warnings(load_config("dapo")))

@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from seqrl.core.fipo import FIPO_PRESETS
 from seqrl.core.losses import (
     FOREIGN_NAMES,
     POLICY_LOSS_DEFAULTS,
@@ -63,8 +64,24 @@ PRESET_INFO: dict[str, tuple[str, str]] = {
         "arXiv 2402.03300",
     ),
     "dapo": (
-        "clip-higher [0.2, 0.28], token-mean, dual clip 10 (DAPO's static parts)",
+        "as the paper: clip-higher [0.2, 0.28], token-mean, dynamic sampling, soft overlong "
+        "punishment, ±1 reward, no dual clip",
         "arXiv 2503.14476",
+    ),
+    "dapo_verl": (
+        "DAPO as verl's recipe runs it (FIPO's baseline): `dapo` + dual clip 10, warm-up 10, "
+        "weight decay 0.1",
+        "arXiv 2503.14476, 2603.19835",
+    ),
+    "fipo": (
+        "FIPO, official 32B settings: future-KL weights [1.0, 1.2], τ 32, safety 10, drop rule, "
+        "8 minibatches, on dapo_verl",
+        "arXiv 2603.19835",
+    ),
+    "fipo_7b": ("FIPO's 7B pilot: weights [0.8, 1.2], safety 3.0", "arXiv 2603.19835"),
+    "fipo_swift": (
+        "FIPO with ms-swift's defaults: no ratio filter, dual clip or drop rule; safety 4.0",
+        "arXiv 2603.19835",
     ),
     "dr_grpo": (
         "group-centred advantages, token sum / MAX_TOKENS (the generation budget)",
@@ -168,6 +185,12 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
+    # DAPO dynamic sampling (Eq. 11): keep only groups whose answers are neither all right nor all
+    # wrong, generating further batches of prompts until prompts_per_step groups are kept or
+    # max_gen_batches batches were generated (then the step trains on the groups it has).
+    dynamic_sampling: bool = False
+    gen_batch_prompts: int | None = Field(None, ge=1)  # prompts per generation batch; None = P
+    max_gen_batches: int = Field(10, ge=1)
 
 
 class _LossOverridesBase(_Section):
@@ -217,6 +240,15 @@ def _loss_overrides_model() -> type[_LossOverridesBase]:
 LossOverrides = _loss_overrides_model()
 
 
+class RewardConfig(_Section):
+    """Reward values and DAPO's overlong shaping (arXiv 2503.14476, §3.4, Eq. 13)."""
+
+    incorrect: float = 0.0  # reward of a wrong answer (a right one gets 1); DAPO/FIPO use -1
+    overlong_buffer: int | None = Field(None, ge=1)  # soft punishment window L_cache; None = off
+    overlong_penalty_factor: float = Field(1.0, ge=0)  # verl's overlong_buffer.penalty_factor
+    overlong_filter: bool = False  # mask truncated responses out of the loss
+
+
 class AlgoConfig(_Section):
     name: str = "gspo"  # one of seqrl.core.POLICY_LOSS_NAMES
     # sppo = R − V(prompt) from critic.kind=scalar; gae = GAE from critic.kind=token
@@ -226,6 +258,8 @@ class AlgoConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
     loss: LossOverrides = Field(default_factory=LossOverrides)
+    # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.
+    fipo_preset: Literal["official_32b", "7b", "ms_swift"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -318,6 +352,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -332,8 +367,13 @@ class RunConfig(_Section):
         return self
 
     def resolved_loss(self) -> PolicyLossConfig:
-        """The core loss preset ``algo.name`` with ``algo.loss`` applied."""
-        return resolve_policy_loss_config(self.algo.name, **self.algo.loss.overrides())
+        """The core loss preset ``algo.name`` with :meth:`loss_overrides` applied."""
+        return resolve_policy_loss_config(self.algo.name, **self.loss_overrides())
+
+    def loss_overrides(self) -> dict[str, Any]:
+        """``policy_loss`` keyword arguments: FIPO_PRESETS[algo.fipo_preset], then algo.loss."""
+        base = FIPO_PRESETS[self.algo.fipo_preset] if self.algo.fipo_preset else {}
+        return {**base, **self.algo.loss.overrides()}
 
     @cached_property
     def run_name(self) -> str:
@@ -398,8 +438,12 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
 
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
     """Checks that span sections; each message names its dotted keys."""
-    problems = _loss_problems(cfg)
-    problems += _critic_problems(cfg)
+    if cfg.algo.fipo_preset is not None and cfg.algo.name != "fipo":
+        return [
+            f"algo.fipo_preset={cfg.algo.fipo_preset!r} only applies to algo.name='fipo', "
+            f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
+        ]
+    problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
     if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
@@ -416,9 +460,24 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _shaping_problems(cfg: RunConfig) -> list[str]:
+    """The soft overlong window must fit in the generation budget."""
+    buffer = cfg.reward.overlong_buffer
+    if buffer is None:
+        return []
+    budget = cfg.rollout.max_new_tokens or _task_budget(cfg.task)
+    if budget is not None and buffer > budget:
+        return [
+            f"reward.overlong_buffer={buffer} exceeds the generation budget {budget} "
+            "(rollout.max_new_tokens, or the task's): the penalty window L_cache must lie inside "
+            "it; lower reward.overlong_buffer or raise rollout.max_new_tokens"
+        ]
+    return []
+
+
 def _loss_problems(cfg: RunConfig) -> list[str]:
     """Validate algo.loss against the core preset, with hints in config terms."""
-    name, overrides = cfg.algo.name, cfg.algo.loss.overrides()
+    name, overrides = cfg.algo.name, cfg.loss_overrides()
     merged = dataclasses.replace(POLICY_LOSS_DEFAULTS[name], **overrides)
     if merged.agg == "seq-mean-token-sum-norm" and merged.max_tokens is None:
         budget = cfg.rollout.max_new_tokens
@@ -520,6 +579,11 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"SPPO with rollout.group_size={cfg.rollout.group_size}: the paper samples one "
             "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
             "cost rollout time without changing the estimator"
+        )
+    if cfg.rollout.dynamic_sampling and cfg.rollout.group_size == 1:
+        out.append(
+            "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
+            "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
         )
     if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
         out.append(
@@ -872,6 +936,7 @@ __all__ = [
     "LossOverrides",
     "ModelConfig",
     "OptimConfig",
+    "RewardConfig",
     "RolloutConfig",
     "RunConfig",
     "TaskConfig",

@@ -99,3 +99,25 @@ def test_overlong_penalty_keeps_float_dtype():
     assert out.dtype == F64
     # 12 = 20 − 8 is where the penalty starts: (12 − 15)/8 = −0.375; 20 → −1
     torch.testing.assert_close(out, torch.tensor([0.0, -0.375, -1.0], dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["dapo", "grpo"])
+def test_a_minibatch_without_valid_tokens_has_loss_zero_not_nan(name):
+    # e.g. every response of a minibatch truncated under DAPO's overlong filtering
+    logp, old, adv, mask = _batch()
+    empty = torch.zeros_like(mask)
+    tt, ts = C.normalizers(empty)
+    assert (tt.item(), ts.item()) == (1, 1)  # at least 1, like aggregate's local normalisers
+    out = C.policy_loss(
+        name,
+        logprobs=logp,
+        old_logprobs=old,
+        advantages=adv,
+        mask=empty,
+        total_tokens=tt,
+        total_sequences=ts,
+        kl_coef=0.0,
+    )
+    assert out.loss.item() == 0.0
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    assert torch.equal(grad, torch.zeros_like(grad))

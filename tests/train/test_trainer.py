@@ -88,7 +88,8 @@ def _sets(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-# the critic presets: its weights, AdamW moments and schedule are in the checkpoint too
+# the critic presets: the critic's weights, AdamW moments and schedule are in the checkpoint too;
+# dapo: dynamic sampling draws extra prompts, which must follow from the step number alone
 RESUME_CASES = {
     "default": [],
     "sppo": ["preset=sppo", "rollout.group_size=1", "rollout.prompts_per_step=8"],
@@ -97,6 +98,13 @@ RESUME_CASES = {
         "rollout.group_size=1",
         "rollout.prompts_per_step=8",
         "critic.warmup_steps=2",
+    ],
+    "dapo": [
+        "preset=dapo",
+        "model.policy=builtin:tiny-addition",
+        "rollout.gen_batch_prompts=8",
+        "rollout.max_gen_batches=3",
+        "algo.num_minibatches=4",
     ],
 }
 
@@ -131,7 +139,7 @@ def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    if case != "default":
+    if case in ("sppo", "ppo"):
         a, b = _final_weights(tmp_path / "straight", "critic"), _final_weights(run, "critic")
         assert a.keys() == b.keys() and "score.weight" in a
         for key in a:
@@ -144,6 +152,11 @@ def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
         ]
 
     assert comparable(run / "metrics.jsonl") == comparable(tmp_path / "straight" / "metrics.jsonl")
+    if (
+        case == "dapo"
+    ):  # the side stream of extra prompts was really used, before and after the kill
+        rows = comparable(run / "metrics.jsonl")
+        assert any(r.get("sampling/gen_batches", 0) > 1 for r in rows if r["step"] > 3)
 
 
 def test_nonfinite_updates_are_skipped_then_abort_with_a_usable_checkpoint(fast_overrides):

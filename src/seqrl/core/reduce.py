@@ -80,8 +80,12 @@ def aggregate(
 
 
 def normalizers(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(total_tokens, total_sequences) of a mini-batch mask, for passing to micro-batch losses."""
-    return mask.sum(), (mask.sum(dim=-1) > 0).sum()
+    """(total_tokens, total_sequences) of a mini-batch mask, for passing to micro-batch losses.
+
+    Both are at least 1, as the local normalisers of :func:`aggregate` are: a mini-batch with no
+    valid token (e.g. every response truncated under overlong filtering) has loss 0, not 0/0.
+    """
+    return mask.sum().clamp(min=1), (mask.sum(dim=-1) > 0).sum().clamp(min=1)
 
 
 __all__ = ["AGG_MODES", "AggMode", "aggregate", "normalizers"]

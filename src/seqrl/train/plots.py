@@ -16,7 +16,27 @@ PANELS = {
     "accuracy": ("held-out accuracy", ["eval/greedy_acc", "eval/sampled_acc"]),
     "length": (
         "response length (tokens)",
-        ["response_len/mean", "response_len/median", "response_len/max"],
+        [
+            "response_len/min",
+            "response_len/q25",
+            "response_len/mean",
+            "response_len/median",
+            "response_len/q75",
+            "response_len/max",
+        ],
+    ),
+    "length_vs_correct": (
+        "correlation of response length with correctness / reward",
+        ["response_len/corr_with_correct", "response_len/corr_with_reward"],
+    ),
+    "sampling": (
+        "dynamic sampling: groups and generation batches per step",
+        [
+            "sampling/kept_groups",
+            "sampling/dropped_groups",
+            "sampling/gen_batches",
+            "sampling/short_of_target",
+        ],
     ),
     "clip": (
         "clip fractions",
@@ -38,7 +58,17 @@ PANELS = {
             "critic/calibration_spearman",
         ],
     ),
-    "fipo": ("FIPO influence weights", ["fipo/weight_mean", "fipo/weight_above_1_frac"]),
+    "grad_norm": ("gradient norm (before clipping)", ["policy/grad_norm"]),
+    "fipo": (
+        "FIPO influence weights",
+        [
+            "fipo/weight_mean",
+            "fipo/weight_above_1_frac",
+            "fipo/weight_at_min_frac",
+            "fipo/weight_at_max_frac",
+            "fipo/safety_frac",
+        ],
+    ),
     "time": (
         "seconds per step",
         ["time/step_s", "time/rollout_s", "time/train_s", "time/critic_s"],

@@ -157,7 +157,7 @@ def update_policy(
             ):  # exact accumulation with FIPO's drop rule: sum, then divide (see policy_loss)
                 total_tokens = torch.ones((), dtype=torch.float32)
             kept_tokens = torch.zeros((), dtype=torch.float64)
-            finite = True
+            finite, pending = True, []
             for micro in minibatch.split(settings.micro_batch_size):
                 logprobs, entropy = response_logprobs(
                     model, batch, micro, temperature=settings.temperature, with_entropy=True
@@ -177,7 +177,7 @@ def update_policy(
                 out.loss.backward()
                 if drop_rule:
                     kept_tokens += out.metrics["fipo/kept_tokens"].double()
-                acc.add(
+                pending.append(
                     out.metrics
                     | {"policy/entropy": C.masked_mean(entropy, batch.response_mask[micro])}
                 )
@@ -185,6 +185,11 @@ def update_policy(
                 for p in params:
                     if p.grad is not None:
                         p.grad.div_(kept_tokens.item())
+            for metrics in pending:  # with the drop rule the losses were token sums: divide too
+                for key in ("loss/policy", "loss/kl"):
+                    if drop_rule and key in metrics:
+                        metrics[key] = metrics[key] / kept_tokens.clamp(min=1)
+                acc.add(metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             if finite and math.isfinite(grad_norm.item()):
                 optimizer.step()

@@ -29,7 +29,8 @@ from seqrl.tasks import get_task
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
-from seqrl.train.metrics import RunLogger, quantiles, truncate_jsonl
+from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.sampling import SamplingSettings, collect_rollout, shaped_rewards, side_stream
 from seqrl.train.step import (
     UpdateSettings,
     batch_logprobs,
@@ -133,7 +134,7 @@ class Trainer:
         a = cfg.algo
         self.update_settings = UpdateSettings(
             loss_name=a.name,
-            loss_overrides=dict(a.loss),
+            loss_overrides=cfg.loss_overrides(),
             num_minibatches=a.num_minibatches,
             ppo_epochs=a.ppo_epochs,
             micro_batch_size=a.micro_batch_size,
@@ -142,6 +143,24 @@ class Trainer:
         )
         # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
         self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
+        r = cfg.rollout
+        if r.dynamic_sampling and self.dist.world_size > 1:
+            raise NotImplementedError(
+                "rollout.dynamic_sampling runs in one process only for now; "
+                "set rollout.dynamic_sampling=false for multi-process runs"
+            )
+        self.sampling_settings = SamplingSettings(
+            group_size=r.group_size,
+            prompts_per_step=r.prompts_per_step,
+            max_new_tokens=self.max_new_tokens,
+            dynamic=r.dynamic_sampling,
+            gen_batch_prompts=r.gen_batch_prompts,
+            max_gen_batches=r.max_gen_batches,
+            incorrect_reward=cfg.reward.incorrect,
+            overlong_buffer=cfg.reward.overlong_buffer,
+            overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
+            overlong_filter=cfg.reward.overlong_filter,
+        )
         self.state = TrainState()
         self.logger: RunLogger | None = None
         self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
@@ -218,16 +237,34 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rollout.group_size
         t0 = time.perf_counter()
-        examples = self.step_prompts(step)
-        batch = self.sampler.generate([e.prompt for e in examples], group_size=G)
-        texts, rewards = score_rollout(self.tokenizer, self.task, batch, examples)
+        # rollout, rewards, DAPO dynamic sampling and overlong shaping (seqrl.train.sampling)
+        side = side_stream(len(self.train_examples), seed=cfg.seed, step=step)
+        rollout = collect_rollout(
+            self.sampler,
+            self.tokenizer,
+            self.task,
+            self.step_prompts(step),
+            lambda start, n: [
+                self.train_examples[int(side[i % len(side)])] for i in range(start, start + n)
+            ],
+            self.sampling_settings,
+        )
+        examples, batch, texts, rewards = (
+            rollout.examples,
+            rollout.batch,
+            rollout.texts,
+            rollout.rewards,
+        )
         greedy_rewards = None
-        if cfg.algo.advantage == "remax":
+        if cfg.algo.advantage == "remax" and examples:
             greedy = self.sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
-            _, greedy_rewards = score_rollout(self.tokenizer, self.task, greedy, examples)
+            _, scores = score_rollout(self.tokenizer, self.task, greedy, examples)
+            greedy_rewards = shaped_rewards(scores > 0, greedy.lengths, self.sampling_settings)
         t_rollout = time.perf_counter() - t0
         critic_metrics = {}
-        if self.critic is not None:  # values before the critic's update, then its update
+        if not examples:  # dynamic sampling kept no group: nothing to learn from
+            advantages = rewards  # [0]
+        elif self.critic is not None:  # values before the critic's update, then its update
             critic_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 500_000)
             advantages, critic_metrics = critic_lib.critic_step(
                 self.critic, batch, rewards, critic_gen
@@ -255,9 +292,9 @@ class Trainer:
             )
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.critic is not None and step <= cfg.critic.warmup_steps:
-            train_metrics, skipped = {}, 0  # critic warm-up: the policy is not updated
-        else:
+        train_metrics, skipped = {}, 0
+        critic_warmup = self.critic is not None and step <= cfg.critic.warmup_steps
+        if len(texts) and not critic_warmup:  # no group kept, or the critic warming up: no update
             train_metrics, skipped = update_policy(
                 self.model,
                 self.optimizer,
@@ -279,13 +316,9 @@ class Trainer:
 
         lengths = batch.lengths.double()
         metrics = {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "train/accuracy": (rewards > 0).double().mean().item(),
-            "train/truncated_frac": batch.truncated.double().mean().item(),
+            **rollout.metrics,  # reward/*, train/accuracy, response_len/*, sampling/*
             "train/lr": lr,
             "train/nonfinite_skipped": float(skipped),
-            **quantiles(lengths, "response_len"),
             **train_metrics,
             **critic_metrics,
             "time/rollout_s": t_rollout,

@@ -1,0 +1,274 @@
+"""FIPO vs DAPO with identical settings, 3 seeds: accuracy and response-length curves and a table.
+
+Both arms start from the `fipo` preset (DAPO's scaffold as verl runs it: dynamic sampling on
+accuracy, soft overlong punishment, ±1 reward, clip [0.2, 0.28], dual clip 10, token-mean, 8
+minibatches per rollout). The DAPO arm only sets ``algo.name=dapo`` (no future-KL weights, no
+sequence-drop rule); every other setting, the warm start, the data order and the seeds are the
+same. Curves go to a PNG, the table to stdout.
+
+Task: by default 3-digit addition with the shipped warm start ``builtin:tiny-addition`` (17
+minutes at lr 5e-5 on 2 CPU cores shared with another job). Its answers have a fixed length, so
+it cannot show the length growth FIPO reports. The built-in long-answer task is
+``--task scratchpad``, for which no warm start ships: the script trains one with
+``seqrl.train.sft.run_sft`` from ``--sft-from`` (cached in the output folder; ``--warm-start
+DIR`` reuses one). 150 SFT steps from ``builtin:tiny`` (batch 32, lr 2e-3) left it at 0%
+held-out accuracy, so a scratchpad run needs far more SFT steps and time than the default.
+
+    python benchmarks/fipo_vs_dapo.py                                     # addition, 15 steps
+    python benchmarks/fipo_vs_dapo.py --steps 100 --eval-size 200         # longer
+    python benchmarks/fipo_vs_dapo.py --task scratchpad --sft-steps 2000 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from rich.console import Console
+
+from seqrl.config import load_config
+from seqrl.models import load_policy
+from seqrl.tasks import get_task
+from seqrl.train.sft import SFTSettings, run_sft
+from seqrl.train.trainer import Trainer
+
+ARMS = {"DAPO": ["algo.name=dapo", "algo.fipo_preset=null"], "FIPO": []}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=15, help="RL steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--task",
+        choices=["scratchpad", "addition"],
+        default="addition",
+        help="addition (shipped warm start) or scratchpad (long answers; warm start trained here)",
+    )
+    p.add_argument(
+        "--digits", type=int, default=None, help="per operand (scratchpad 2, addition 3)"
+    )
+    p.add_argument("--operands", type=int, default=3, help="scratchpad: operands per problem")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step (P)")
+    p.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
+    p.add_argument("--gen-batch-prompts", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--max-gen-batches", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-5, help="the presets' learning rate")
+    p.add_argument("--eval-size", type=int, default=64, help="held-out problems per evaluation")
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-batch", type=int, default=32)
+    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument(
+        "--sft-from", default="builtin:tiny-addition", help="model the scratchpad SFT starts from"
+    )
+    p.add_argument("--warm-start", type=Path, default=None, help="reuse this HF model directory")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-fipo-vs-dapo"))
+    return p.parse_args()
+
+
+def warm_start(args, task, console) -> tuple[str, dict]:
+    if args.warm_start is not None:
+        return str(args.warm_start), {"source": str(args.warm_start)}
+    if args.task == "addition":
+        return "builtin:tiny-addition", {"source": "the shipped builtin:tiny-addition"}
+    tag = args.sft_from.replace("builtin:", "").replace("/", "_")
+    path = args.out / f"warm-start-{tag}-d{args.digits}-o{args.operands}-s{args.sft_steps}"
+    info_file = path / "sft.json"
+    if info_file.exists():
+        return str(path), json.loads(info_file.read_text())
+    model, tok = load_policy(args.sft_from)
+    settings = SFTSettings(
+        steps=args.sft_steps,
+        batch_size=args.sft_batch,
+        lr=args.sft_lr,
+        warmup_steps=min(20, args.sft_steps // 10),
+        eval_size=100,
+        log_every=50,
+    )
+    result = run_sft(model, tok, task, settings, out_dir=path, console=console)
+    info = {"source": f"run_sft from {args.sft_from}", **vars(settings), **result}
+    info_file.write_text(json.dumps(info, indent=1))
+    return str(path), info
+
+
+def overrides(args, policy: str, budget: int, seed: int, name: str) -> list[str]:
+    task = [f"task.name={args.task}", f"task.digits={args.digits}"]
+    if args.task == "scratchpad":
+        task.append(f"task.operands={args.operands}")
+    return [
+        "preset=fipo",
+        f"model.policy={policy}",
+        *task,
+        f"task.eval_size={args.eval_size}",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.group_size={args.group}",
+        f"rollout.max_new_tokens={budget}",
+        f"rollout.gen_batch_prompts={args.gen_batch_prompts}",
+        f"rollout.max_gen_batches={args.max_gen_batches}",
+        f"reward.overlong_buffer={max(1, budget // 5)}",  # L_cache = L_max/5, as 4096 of 20480
+        f"optim.lr={args.lr}",
+        "optim.warmup_steps=0",
+        f"train.steps={args.steps}",
+        f"train.eval_every={args.eval_every}",
+        "train.eval_samples=1",
+        "train.checkpoint_every=0",
+        "train.log_samples=0",
+        "log.tensorboard=false",
+        f"seed={seed}",
+        f"output_dir={args.out}",
+        f"name={name}",
+    ]
+
+
+def read(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def summarise(rows: list[dict], steps: int) -> dict[str, float]:
+    train = [r for r in rows if "reward/mean" in r]
+    last = train[-max(1, steps // 3) :]  # the last third of the steps
+
+    def avg(key, part=train):
+        vals = [r[key] for r in part if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        return statistics.mean(vals) if vals else float("nan")
+
+    evals = [r for r in rows if "eval/greedy_acc" in r]
+    return {
+        "greedy_acc_start": evals[0]["eval/greedy_acc"],
+        "greedy_acc_end": evals[-1]["eval/greedy_acc"],
+        "train_acc_last": avg("train/accuracy", last),
+        "len_mean_first": train[0]["response_len/mean"],
+        "len_mean_last": avg("response_len/mean", last),
+        "len_median_last": avg("response_len/median", last),
+        "len_corr": avg("response_len/corr_with_correct"),
+        "policy_kl": avg("policy/kl_old"),
+        "weight_mean": avg("fipo/weight_mean"),
+        "weight_above_1": avg("fipo/weight_above_1_frac"),
+        "gen_batches": avg("sampling/gen_batches"),
+        "step_s": avg("time/step_s"),
+    }
+
+
+def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
+    panels = [
+        ("eval/greedy_acc", "held-out greedy accuracy"),
+        ("train/accuracy", "training accuracy (all sampled responses)"),
+        ("response_len/mean", "mean response length (tokens)"),
+        ("response_len/median", "median response length (tokens)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    colors = {"DAPO": "tab:blue", "FIPO": "tab:red"}
+    for ax, (key, panel_title) in zip(axes.flat, panels, strict=True):
+        for arm, runs in results.items():
+            curves = [series(rows, key) for rows in runs]
+            for steps, values in curves:
+                ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=1)
+            steps = curves[0][0]
+            if all(c[0] == steps for c in curves):
+                mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
+                ax.plot(steps, mean, color=colors[arm], linewidth=2, label=f"{arm} (mean)")
+        ax.set_title(panel_title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"FIPO vs DAPO, {title}; thin lines = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.digits is None:
+        args.digits = 2 if args.task == "scratchpad" else 3
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    kwargs = {"operands": args.operands} if args.task == "scratchpad" else {}
+    task = get_task(args.task, digits=args.digits, seed=1234, **kwargs)
+    budget = task.max_new_tokens
+    start = time.perf_counter()
+    policy, sft = warm_start(args, task, console)
+    acc = sft.get("greedy_acc")
+    about = f"{sft.get('source')}" + (
+        f", SFT held-out greedy acc {acc:.3f}" if acc is not None else ""
+    )
+    console.print(f"warm start: {policy} ({about})")
+
+    results: dict[str, list[list[dict]]] = {arm: [] for arm in ARMS}
+    for seed in args.seeds:
+        for arm, extra in ARMS.items():
+            name = f"{arm.lower()}-seed{seed}"
+            shutil.rmtree(args.out / name, ignore_errors=True)
+            cfg = load_config(None, [*overrides(args, policy, budget, seed, name), *extra])
+            t0 = time.perf_counter()
+            Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
+            results[arm].append(read(args.out / name))
+            console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
+
+    columns = [
+        ("greedy_acc_start", "held-out greedy acc, step 0"),
+        ("greedy_acc_end", f"held-out greedy acc, step {args.steps}"),
+        ("train_acc_last", "train acc, last third"),
+        ("len_mean_first", "mean length, step 1"),
+        ("len_mean_last", "mean length, last third"),
+        ("len_median_last", "median length, last third"),
+        ("len_corr", "corr(length, correct)"),
+        ("policy_kl", "policy KL (log π_old − log π)"),
+        ("weight_mean", "FIPO weight mean"),
+        ("weight_above_1", "FIPO weights > 1"),
+        ("gen_batches", "generation batches / step"),
+        ("step_s", "seconds / step"),
+    ]
+    summaries = {
+        arm: [summarise(rows, args.steps) for rows in runs] for arm, runs in results.items()
+    }
+    lines = ["| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
+    for key, label in columns:
+        cells = [mean_sd([s[key] for s in summaries[arm]]) for arm in ARMS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    png = args.out / f"fipo_vs_dapo_{args.task}.png"
+    title = f"{args.task} ({args.digits} digits"
+    title += f", {args.operands} operands)" if args.task == "scratchpad" else ")"
+    plot(results, png, title)
+    print()
+    print(
+        f"{title}, budget {budget} tokens, {args.prompts} prompts × {args.group} samples per "
+        f"step, {args.steps} steps, seeds {args.seeds}, mean ± sd over seeds"
+    )
+    print(f"warm start: {about}")
+    print("\n".join(lines))
+    print(f"\ncurves: {png}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); total {time.perf_counter() - start:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The data side of one RL step: rewards, DAPO's dynamic sampling and overlong shaping.
+
+    generation batch 1: the step's P prompts from the seeded data order
+                        (+ side-stream prompts up to ``gen_batch_prompts``)
+        → sample G responses each → score → keep groups with 0 < #correct < G
+    generation batch k ≥ 2: ``gen_batch_prompts`` more prompts from the side stream
+        … until P groups are kept (extra ones are cut) or ``max_gen_batches`` batches were
+        generated (then the step trains on the groups it has, and logs that it fell short)
+    → rewards: 1 if correct else ``incorrect``, plus the soft overlong penalty (DAPO Eq. 13)
+    → overlong filtering: truncated responses leave the loss (their mask is switched off)
+
+The side stream of step s is a seeded permutation of the training set keyed by (seed, s), so
+the prompts of every generation batch follow from the step number alone: a resumed run draws
+exactly the prompts an uninterrupted one would (no data position to checkpoint).
+
+Without dynamic sampling this is one generation batch of the step's P prompts and the
+rewards, bit for bit what the step did before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import seqrl.core as C
+from seqrl.rollout import RolloutBatch
+from seqrl.train.metrics import quantiles
+from seqrl.train.step import score_rollout
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The parts of the run config the data side needs (no config object enters this module)."""
+
+    group_size: int  # G
+    prompts_per_step: int  # P, groups trained on per step
+    max_new_tokens: int  # the generation budget L_max
+    dynamic: bool = False  # DAPO dynamic sampling
+    gen_batch_prompts: int | None = None  # prompts per generation batch; None = P
+    max_gen_batches: int = 10
+    incorrect_reward: float = 0.0
+    overlong_buffer: int | None = None  # L_cache of the soft punishment; None = off
+    overlong_penalty_factor: float = 1.0
+    overlong_filter: bool = False
+
+
+@dataclass(frozen=True)
+class StepRollout:
+    """What one step trains on, and what it saw on the way."""
+
+    examples: list  # P' ≤ P prompts (kept groups)
+    batch: RolloutBatch  # P'·G rows; with overlong filtering, truncated rows are masked out
+    texts: list[str]  # [P'·G] decoded responses
+    rewards: Tensor  # [P'·G] shaped rewards
+    correct: Tensor  # [P'·G] bool
+    metrics: dict[str, float]  # over every response generated in the step, + sampling/*
+
+
+def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
+    """The extra-prompt order of step ``step``: a permutation of the training set [N]."""
+    gen = torch.Generator().manual_seed(seed * 1_000_033 + 7_919 * step + 17)
+    return torch.randperm(n_examples, generator=gen)
+
+
+def shaped_rewards(correct: Tensor, lengths: Tensor, s: SamplingSettings) -> Tensor:
+    """1 if correct else ``incorrect_reward``, plus DAPO's soft overlong penalty: [B] → [B].
+
+    Computed in float64, returned in the default dtype (as the task's 0/1 scores were).
+    """
+    one = torch.ones((), dtype=torch.float64)
+    rewards = torch.where(correct, one, one * s.incorrect_reward)  # [B]
+    if s.overlong_buffer is not None:
+        rewards = rewards + C.soft_overlong_penalty(
+            lengths.to(torch.float64),
+            s.max_new_tokens,
+            s.overlong_buffer,
+            factor=s.overlong_penalty_factor,
+        )
+    return rewards.to(torch.get_default_dtype())
+
+
+def point_biserial(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two [B] tensors (point-biserial when one is 0/1); NaN if either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    if x.numel() < 2 or denom.item() == 0.0:
+        return float("nan")
+    return ((x * y).sum() / denom).item()
+
+
+def select_groups(batch: RolloutBatch, keep: Tensor) -> RolloutBatch:
+    """The rows of the groups where ``keep`` [P] is True (all G rows of each)."""
+    rows = keep.repeat_interleave(batch.group_size)  # [B]
+    return RolloutBatch(
+        batch.prompt_ids[rows],
+        batch.prompt_mask[rows],
+        batch.response_ids[rows],
+        batch.response_mask[rows],
+        batch.sampler_logprobs[rows],
+        batch.truncated[rows],
+        batch.group_size,
+    )
+
+
+def concat_rollouts(batches: Sequence[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """Stack rollouts of different widths: prompts re-padded on the left, responses on the right."""
+    if len(batches) == 1:
+        return batches[0]
+    Lp = max(b.prompt_ids.shape[1] for b in batches)
+    T = max(b.response_ids.shape[1] for b in batches)
+
+    def pad(x: Tensor, width: int, value, left: bool) -> Tensor:
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    return RolloutBatch(
+        torch.cat([pad(b.prompt_ids, Lp, pad_token_id, True) for b in batches]),  # [B, Lp]
+        torch.cat([pad(b.prompt_mask, Lp, False, True) for b in batches]),  # [B, Lp]
+        torch.cat([pad(b.response_ids, T, pad_token_id, False) for b in batches]),  # [B, T]
+        torch.cat([pad(b.response_mask, T, False, False) for b in batches]),  # [B, T]
+        torch.cat([pad(b.sampler_logprobs, T, 0.0, False) for b in batches]),  # [B, T]
+        torch.cat([b.truncated for b in batches]),  # [B]
+        batches[0].group_size,
+    )
+
+
+def collect_rollout(
+    sampler,
+    tokenizer,
+    task,
+    step_examples: list,
+    side_examples: Callable[[int, int], list],
+    s: SamplingSettings,
+) -> StepRollout:
+    """Generate, score and (with dynamic sampling) filter the groups of one step.
+
+    ``step_examples`` are the step's P prompts; ``side_examples(start, count)`` returns
+    prompts ``start … start + count − 1`` of the step's side stream.
+    """
+    G, P = s.group_size, len(step_examples)
+    per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
+    kept: list[tuple[list, RolloutBatch, list[str], Tensor]] = []  # per generation batch
+    seen_correct, seen_lengths, seen_truncated = [], [], []
+    n_kept, n_dropped, gen_batches, side_used = 0, 0, 0, 0
+    while gen_batches < (s.max_gen_batches if s.dynamic else 1):
+        examples = list(step_examples) if gen_batches == 0 else []
+        extra = per_batch - len(examples)
+        if extra > 0:
+            examples += side_examples(side_used, extra)
+            side_used += extra
+        batch = sampler.generate([e.prompt for e in examples], group_size=G)
+        texts, scores = score_rollout(tokenizer, task, batch, examples)
+        correct = scores > 0  # [b]
+        gen_batches += 1
+        seen_correct.append(correct)
+        seen_lengths.append(batch.lengths)
+        seen_truncated.append(batch.truncated)
+        if s.dynamic:
+            keep = C.mixed_group_mask(correct, G)  # [b/G]
+        else:
+            keep = torch.ones(len(examples), dtype=torch.bool)
+        keep_idx = keep.nonzero().flatten()[: max(0, P - n_kept)]  # never more than P groups
+        n_dropped += int((~keep).sum())
+        if keep_idx.numel() == len(examples):
+            kept.append((examples, batch, texts, correct))
+            n_kept += len(examples)
+        elif keep_idx.numel():
+            take = torch.zeros_like(keep)
+            take[keep_idx] = True
+            rows = take.repeat_interleave(G)  # [b]
+            kept.append(
+                (
+                    [examples[i] for i in keep_idx.tolist()],
+                    select_groups(batch, take),
+                    [t for t, r in zip(texts, rows.tolist(), strict=True) if r],
+                    correct[rows],
+                )
+            )
+            n_kept += keep_idx.numel()
+        if n_kept >= P:
+            break
+
+    examples = [e for part in kept for e in part[0]]
+    texts = [t for part in kept for t in part[2]]
+    if kept:
+        batch = concat_rollouts([part[1] for part in kept], tokenizer.pad_token_id)
+        correct = torch.cat([part[3] for part in kept])
+    else:  # every group was dropped: an empty batch, and the step makes no update
+        batch = select_groups(batch, torch.zeros(len(batch.prompt_ids) // G, dtype=torch.bool))
+        correct = torch.zeros(0, dtype=torch.bool)
+    rewards = shaped_rewards(correct, batch.lengths, s)  # [P'·G]
+
+    all_correct, all_lengths = torch.cat(seen_correct), torch.cat(seen_lengths)
+    all_rewards = shaped_rewards(all_correct, all_lengths, s)
+    metrics = {
+        "reward/mean": all_rewards.mean().item(),
+        "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+        "train/accuracy": all_correct.double().mean().item(),
+        "train/truncated_frac": torch.cat(seen_truncated).double().mean().item(),
+        **quantiles(all_lengths.double(), "response_len"),
+        "response_len/corr_with_correct": point_biserial(all_lengths, all_correct),
+        "response_len/corr_with_reward": point_biserial(all_lengths, all_rewards),
+    }
+    if s.overlong_buffer is not None:
+        metrics["reward/overlong_penalty_mean"] = (
+            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s))
+            .mean()
+            .item()
+        )
+    if s.dynamic:
+        metrics |= {
+            "sampling/gen_batches": float(gen_batches),
+            "sampling/kept_groups": float(n_kept),
+            "sampling/dropped_groups": float(n_dropped),
+            "sampling/short_of_target": float(P - n_kept),
+        }
+    if s.overlong_filter:
+        metrics["train/overlong_filtered_frac"] = (
+            batch.truncated.double().mean().item() if len(texts) else 0.0
+        )
+        batch = dataclasses.replace(
+            batch, response_mask=C.overlong_filter_mask(batch.response_mask, batch.truncated)
+        )
+    return StepRollout(examples, batch, texts, rewards, correct, metrics)
