@@ -212,3 +212,20 @@ def test_shipped_warm_starts_behave_as_documented():
         slipped /= len(carry)
         assert correct_range[0] <= correct <= correct_range[1], (spec, correct)
         assert slip_range[0] <= slipped <= slip_range[1], (spec, slipped)
+
+
+def test_shipped_scratchpad_warm_start_writes_its_teachers_slip():
+    """tiny-scratchpad-noisy: on held-out problems where a line's ones carry, it mostly writes the
+    teacher's slip (that carry forgotten), a 40–60-token answer that RL has to correct."""
+    from seqrl.rollout import HFSampler
+    from seqrl.tasks import get_task
+
+    task = get_task("scratchpad", digits=2, operands=3, seed=1234)
+    carry = [e for e in task.examples("test", 100) if task.slip_target(e) is not None][:32]
+    model, tok = load_policy("builtin:tiny-scratchpad-noisy")
+    sampler = HFSampler(model, tok, max_new_tokens=task.max_new_tokens)
+    batch = sampler.generate([e.prompt for e in carry], group_size=1, greedy=True)
+    texts = [t.strip() for t in tok.batch_decode(batch.response_ids, skip_special_tokens=True)]
+    slipped = sum(t == task.slip_target(e) for t, e in zip(texts, carry, strict=True)) / len(carry)
+    correct = sum(task.score(t, e) for t, e in zip(texts, carry, strict=True)) / len(carry)
+    assert slipped >= 0.5 and correct <= 0.4, (slipped, correct)

@@ -31,6 +31,9 @@ BUILTINS: dict[str, str] = {
     "tiny-addition": "the tiny model after supervised warm start on addition (shipped checkpoint)",
     "tiny-addition-noisy": "tiny-addition fine-tuned on a teacher that forgets the ones carry 70% "
     "of the time: often wrong in one fixable way (the demo's warm start; shipped checkpoint)",
+    "tiny-scratchpad-noisy": "the tiny model warm-started on the scratchpad task (2-digit, 3 "
+    "operands; 100% held-out), then on a teacher that forgets a line's ones carry 70% of the "
+    "time (27.5% held-out): a long-answer warm start for DAPO/FIPO (shipped checkpoint)",
     "nano": "randomly initialised nano Qwen2 (~0.1M params, seed 0), for fast tests",
 }
 """Built-in policy name → description (use as ``builtin:<name>``)."""
@@ -39,6 +42,10 @@ _SHIPPED = {
     "tiny-addition": "seqrl sft --out src/seqrl/assets/tiny-addition --steps 2000 --lr 1e-3",
     "tiny-addition-noisy": "seqrl sft --model builtin:tiny-addition "
     "--out src/seqrl/assets/tiny-addition-noisy --steps 400 --lr 3e-4 --teacher-slip-rate 0.7",
+    "tiny-scratchpad-noisy": "seqrl sft --task scratchpad --digits 2 --operands 3 --steps 2500 "
+    "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
+    "--operands 3 --steps 300 --lr 3e-4 --teacher-slip-rate 0.7 "
+    "--out src/seqrl/assets/tiny-scratchpad-noisy",
 }
 """Built-ins that are checkpoints under :data:`ASSETS_DIR`, with the command that makes each."""
 
