@@ -48,6 +48,15 @@ def first_token(text: str) -> str:
     return _STOP.split(text.strip(), maxsplit=1)[0]
 
 
+def score_pairs(score, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+    """``[score(c, e) for c, e in zip(completions, examples)]``; the lengths must match."""
+    if len(completions) != len(examples):
+        raise ValueError(
+            f"score_batch: {len(completions)} completions but {len(examples)} examples"
+        )
+    return [score(c, e) for c, e in zip(completions, examples, strict=True)]
+
+
 class Task(ABC):
     """Base class of seqrl tasks. Subclasses define the problem space, the target and the parser.
 
@@ -149,11 +158,7 @@ class Task(ABC):
 
     def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """:meth:`score` of ``completions[i]`` against ``examples[i]``; lengths must match."""
-        if len(completions) != len(examples):
-            raise ValueError(
-                f"score_batch: {len(completions)} completions but {len(examples)} examples"
-            )
-        return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
+        return score_pairs(self.score, completions, examples)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from seqrl.tasks.base import Example, first_token
+from seqrl.tasks.base import Example, first_token, score_pairs
 from seqrl.tasks.codereward import score_code
 from seqrl.tasks.files import LoadReport, load_examples
 from seqrl.tasks.mathreward import extract_final_answer, reference_answer, score_math
@@ -96,11 +96,7 @@ class FileTask:
         return 1.0 if (first_token(completion) or None) == example.answer else 0.0
 
     def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-        if len(completions) != len(examples):
-            raise ValueError(
-                f"score_batch: {len(completions)} completions but {len(examples)} examples"
-            )
-        return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
+        return score_pairs(self.score, completions, examples)
 
     def __repr__(self) -> str:
         files = ", ".join(f"{s}={r.path}" for s, r in self.reports.items())

@@ -23,7 +23,7 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
 from seqrl.train.metrics import MetricAccumulator
-from seqrl.train.step import _trim
+from seqrl.train.step import _trim, joint_inputs
 
 
 @dataclass(frozen=True)
@@ -69,18 +69,10 @@ def token_values(critic, batch: RolloutBatch, rows: Tensor) -> Tensor:
     s_t = prompt + y_<t, so V(s_t) is read at the position just before token t (the last
     prompt token for t = 0), verl's convention. Same left-padded layout as the policy forward.
     """
-    prompt_ids, prompt_mask = _trim(batch.prompt_ids[rows], batch.prompt_mask[rows], left=True)
-    resp_ids, resp_mask = _trim(batch.response_ids[rows], batch.response_mask[rows], left=False)
-    Lp, T = prompt_ids.shape[1], resp_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, resp_ids], dim=1)  # [b, Lp + T]
-    attention = torch.cat([prompt_mask, resp_mask], dim=1)  # [b, Lp + T]
-    positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
-    out = critic(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        position_ids=positions,
-        use_cache=False,
-    )
+    inputs, resp_ids, resp_mask = joint_inputs(batch, rows)  # [b, Lp + T]
+    T = resp_ids.shape[1]
+    Lp = inputs["input_ids"].shape[1] - T
+    out = critic(**inputs, use_cache=False)
     values = _wide(out.logits[:, Lp - 1 : Lp - 1 + T, 0])  # [b, T]
     values = torch.where(resp_mask, values, torch.zeros_like(values))
     return torch.nn.functional.pad(values, (0, batch.response_ids.shape[1] - T))

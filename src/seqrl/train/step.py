@@ -41,6 +41,24 @@ def _trim(ids: Tensor, mask: Tensor, *, left: bool) -> tuple[Tensor, Tensor]:
     return ids[:, lo:hi], mask[:, lo:hi]
 
 
+def joint_inputs(batch: RolloutBatch, rows: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Model inputs for prompt + response of ``rows`` as generation laid them out, trimmed.
+
+    Returns (``input_ids`` / ``attention_mask`` / ``position_ids`` [b, Lp + T], the trimmed
+    response ids [b, T] and mask [b, T]); position ids count real tokens only, as ``generate``'s
+    do for left-padded prompts.
+    """
+    prompt_ids, prompt_mask = _trim(batch.prompt_ids[rows], batch.prompt_mask[rows], left=True)
+    resp_ids, resp_mask = _trim(batch.response_ids[rows], batch.response_mask[rows], left=False)
+    attention = torch.cat([prompt_mask, resp_mask], dim=1)  # [b, Lp + T]
+    inputs = {
+        "input_ids": torch.cat([prompt_ids, resp_ids], dim=1),  # [b, Lp + T]
+        "attention_mask": attention.long(),
+        "position_ids": (attention.long().cumsum(dim=1) - 1).clamp(min=0),
+    }
+    return inputs, resp_ids, resp_mask
+
+
 def response_logprobs(
     model, batch: RolloutBatch, rows: Tensor, *, temperature: float, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -50,19 +68,9 @@ def response_logprobs(
     sampler's log-probs up to float rounding. Columns that are padding in all ``rows`` are
     trimmed first; the result is padded back to the batch's T with zeros.
     """
-    prompt_ids, prompt_mask = _trim(batch.prompt_ids[rows], batch.prompt_mask[rows], left=True)
-    resp_ids, resp_mask = _trim(batch.response_ids[rows], batch.response_mask[rows], left=False)
+    inputs, resp_ids, resp_mask = joint_inputs(batch, rows)
     T = resp_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, resp_ids], dim=1)  # [b, Lp + T]
-    attention = torch.cat([prompt_mask, resp_mask], dim=1)  # [b, Lp + T]
-    positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        position_ids=positions,
-        use_cache=False,
-        logits_to_keep=T + 1,
-    )
+    out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
     logits = out.logits[:, :-1]  # [b, T, V]  position t predicts response token t (fp32+ inside)
     logprobs = C.token_logprobs(logits, resp_ids, temperature=temperature)  # [b, T]
     logprobs = torch.where(resp_mask, logprobs, torch.zeros_like(logprobs))
