@@ -93,6 +93,9 @@ def test_hostile_code_scores_nothing_and_leaves_nothing_behind(name):
 
 def test_limits_are_the_reason_given():
     assert run_python("while True: pass", limits=LIMITS).timed_out
+    cpu_bound = SandboxLimits(wall_s=20.0, cpu_s=1)  # the CPU-time limit, long before the wall
+    r = run_python("while True: pass", limits=cpu_bound)
+    assert r.timed_out and r.wall_s < 5.0, r
     flood = run_python("while True: print('x' * 1000)", limits=LIMITS)
     assert flood.output_truncated and flood.returncode is None
     assert "PermissionError" in run_python("import os; os.fork()", limits=LIMITS).stderr

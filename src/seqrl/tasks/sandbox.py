@@ -35,17 +35,21 @@ import time
 from dataclasses import dataclass
 
 _NOBODY = 65534
+_CPU_EXIT = 152  # the guard's exit status when the CPU-time limit is hit (128 + SIGXCPU)
 
 # The runner: installs the audit hook, drops privileges, then runs the code as __main__.
 # It only uses names bound before the hook is active, and the hook cannot be removed.
 _GUARD = r"""
-import os, resource, sys
+import os, resource, signal, sys
 work = os.path.realpath(sys.argv[1])
 cpu, mem, fsize, nofile, nproc = (int(x) for x in sys.argv[3:8])
-for res, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem),
-                   (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, nofile),
-                   (resource.RLIMIT_CORE, 0)):
+_exit = os._exit
+signal.signal(signal.SIGXCPU, lambda *_: _exit(152))  # the soft CPU limit: exit with its code
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # the hard limit SIGKILLs a second later
+for res, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+                   (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(res, (value, value))
+del signal
 if sys.argv[2] == "drop":  # root: become nobody, whose process count the limit then bounds
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
@@ -244,6 +248,7 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits | None = Non
         for stream in (proc.stdout, proc.stderr):
             stream.close()
         wall = time.perf_counter() - start
+        timed_out = timed_out or proc.returncode in (_CPU_EXIT, -signal.SIGXCPU)
         killed = timed_out or over.is_set()
         return SandboxResult(
             returncode=None if killed else proc.returncode,
