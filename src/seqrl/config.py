@@ -169,13 +169,50 @@ class ModelConfig(_Section):
     reference: str | None = None  # None = frozen copy of the initial policy (built if kl_coef > 0)
 
 
+class ColumnsConfig(_Section):
+    """Which field of a data file holds what (``task.columns.prompt=question``); None = same name."""
+
+    prompt: str | None = None
+    answer: str | None = None
+    tests: str | None = None
+
+
 class TaskConfig(_Section):
-    name: Literal["addition", "scratchpad"] = "addition"
+    name: Literal["addition", "scratchpad", "file"] = "addition"
     digits: int = Field(3, ge=1)  # addition: operand digits; scratchpad: digits per operand
     operands: int = Field(4, ge=2)  # scratchpad only; addition ignores it
     seed: int = 1234
-    train_size: int = Field(20000, ge=1)
+    train_size: int = Field(20000, ge=1)  # at most; a file task uses all its rows if fewer
     eval_size: int = Field(200, ge=1)
+    # name=file: problems from data files (seqrl.tasks.files), scored by a named verifier
+    train_file: str | None = None  # .jsonl / .csv / .parquet / saved datasets dir
+    test_file: str | None = None  # the held-out problems for evaluation
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    reward: Literal["math", "code", "exact"] = "math"
+    answer_mode: Literal["auto", "boxed", "gsm8k", "last_number", "final_line"] = "auto"
+    prompt_template: str = "{prompt}"
+    on_error: Literal["raise", "skip"] = "raise"  # a malformed row: stop, or skip and count
+
+    def build(self):
+        """The task this section describes (built-in, or :class:`seqrl.tasks.filetask.FileTask`)."""
+        from seqrl.tasks import get_task
+
+        if self.name == "file":
+            from seqrl.tasks.filetask import FileTask
+
+            return FileTask(
+                self.train_file,
+                self.test_file,
+                columns={k: v for k, v in self.columns.model_dump().items() if v},
+                reward=self.reward,
+                answer_mode=self.answer_mode,
+                prompt_template=self.prompt_template,
+                on_error=self.on_error,
+            )
+        kwargs = {"digits": self.digits, "seed": self.seed}
+        if self.name == "scratchpad":
+            kwargs["operands"] = self.operands
+        return get_task(self.name, **kwargs)
 
 
 class RolloutConfig(_Section):
@@ -444,6 +481,11 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
         ]
     problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
+    if cfg.task.name == "file" and not (cfg.task.train_file and cfg.task.test_file):
+        problems.append(
+            "task.name='file' needs task.train_file and task.test_file (the held-out problems "
+            "for evaluation; they may be the same file if you have no separate split)"
+        )
     if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
@@ -525,13 +567,10 @@ def _loss_problems(cfg: RunConfig) -> list[str]:
 
 def _task_budget(task: TaskConfig) -> int | None:
     """The task's own generation budget, for a hint; None when the task cannot be built."""
+    if task.name == "file":
+        return None  # loading the files is the trainer's job, not validation's
     try:
-        from seqrl.tasks import get_task
-
-        kwargs = {"digits": task.digits, "seed": task.seed}
-        if task.name == "scratchpad":
-            kwargs["operands"] = task.operands
-        return int(get_task(task.name, **kwargs).max_new_tokens)
+        return int(task.build().max_new_tokens)
     except Exception:  # only a hint: any failure falls back to a placeholder
         return None
 

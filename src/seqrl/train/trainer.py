@@ -25,7 +25,6 @@ from seqrl.config import RunConfig, load_config
 from seqrl.models import load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
-from seqrl.tasks import get_task
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
@@ -105,12 +104,13 @@ class Trainer:
             )
             self.ref_model.eval().requires_grad_(False)
 
-        task_kwargs = {"digits": cfg.task.digits, "seed": cfg.task.seed}
-        if cfg.task.name == "scratchpad":
-            task_kwargs["operands"] = cfg.task.operands
-        self.task = get_task(cfg.task.name, **task_kwargs)
-        self.train_examples = self.task.examples("train", cfg.task.train_size)
-        self.eval_examples = self.task.examples("test", cfg.task.eval_size)
+        self.task = cfg.task.build()
+        self.train_examples = self.task.examples(
+            "train", min(cfg.task.train_size, self.task.max_examples("train"))
+        )
+        self.eval_examples = self.task.examples(
+            "test", min(cfg.task.eval_size, self.task.max_examples("test"))
+        )
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         self.sampler = HFSampler(
             self.model,
