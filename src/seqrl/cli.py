@@ -93,7 +93,10 @@ def train(
             cfg = load_config(config, set_)
             for warning in validate_warnings(cfg):
                 console.print(f"[yellow]warning:[/yellow] {warning}")
-            trainer = Trainer(cfg, console=console, progress=progress)
+            try:
+                trainer = Trainer(cfg, console=console, progress=progress)
+            except ValueError as err:  # bad data rows, a missing chat template, ...
+                _fail(str(err))
         trainer.fit()
     except (ConfigError, FileNotFoundError, TrainingAbortedError) as err:
         _fail(str(err))
@@ -232,7 +235,7 @@ def eval_(
     from rich.progress import Progress
 
     from seqrl.evaluation import evaluate_samples
-    from seqrl.models import load_policy
+    from seqrl.models import chat_prompts, load_policy
     from seqrl.rollout import HFSampler
     from seqrl.tasks import get_task
     from seqrl.tasks.files import DataError
@@ -259,14 +262,10 @@ def eval_(
         _fail(str(err))
     prompts = [e.prompt for e in items]
     if chat:
-        if not tokenizer.chat_template:
-            _fail(f"{model} has no chat template; drop --chat or use --template")
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
+        try:
+            prompts = chat_prompts(tokenizer, prompts)
+        except ValueError as err:
+            _fail(f"{model}: {err}")
     torch.manual_seed(seed)
     sampler = HFSampler(
         policy,

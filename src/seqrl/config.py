@@ -191,6 +191,7 @@ class TaskConfig(_Section):
     reward: Literal["math", "code", "exact"] = "math"
     answer_mode: Literal["auto", "boxed", "gsm8k", "last_number", "final_line"] = "auto"
     prompt_template: str = "{prompt}"
+    chat_template: bool = False  # wrap each prompt as a user turn in the tokenizer's chat template
     on_error: Literal["raise", "skip"] = "raise"  # a malformed row: stop, or skip and count
 
     def build(self):

@@ -131,3 +131,59 @@ def test_file_task_config_errors(tmp_path):
         Trainer(cfg, progress=False)
     skip = cfg.with_overrides(["task.on_error=skip"])
     assert len(Trainer(skip, progress=False).train_examples) == 1
+
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_wraps_the_prompts_the_policy_sees(tmp_path):
+    from seqrl.models import load_policy, save_policy
+
+    model, tok = load_policy("builtin:nano")
+    tok.chat_template = CHAT
+    save_policy(model, tok, tmp_path / "chat-model")
+    common = [
+        f"output_dir={tmp_path}",
+        "task.name=file",
+        f"task.train_file={TOY}",
+        f"task.test_file={TOY}",
+        "task.columns.prompt=question",
+        "rollout.max_new_tokens=4",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=2",
+        "task.eval_size=4",
+        "train.eval_samples=1",
+        "log.tensorboard=false",
+    ]
+    cfg = load_config(
+        None, [*common, f"model.policy={tmp_path / 'chat-model'}", "task.chat_template=true"]
+    )
+    trainer = Trainer(cfg, progress=False)
+    first = trainer.eval_examples[0]
+    assert first.prompt.startswith("<|user|>Gus has 4 marbles") and first.prompt.endswith(
+        "<|assistant|>"
+    )
+    assert trainer.task.reference(first) == "13"  # verification still uses the reference
+    assert trainer.train_step(1)["reward/mean"] >= 0.0
+    # a model without a template: a clear error from the CLI, before any work
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seqrl",
+            "train",
+            "--no-progress",
+            *[
+                a
+                for o in [*common, "model.policy=builtin:nano", "task.chat_template=true"]
+                for a in ("--set", o)
+            ],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "has no chat template" in done.stderr

@@ -21,7 +21,7 @@ from seqrl.models.tiny import (
     set_generation_ids,
     tiny_config,
 )
-from seqrl.models.tokenizer import ALPHABET, SPECIAL_TOKENS, build_tokenizer
+from seqrl.models.tokenizer import ALPHABET, SPECIAL_TOKENS, build_tokenizer, chat_prompts
 
 __all__ = [
     "ALPHABET",
@@ -31,6 +31,7 @@ __all__ = [
     "TINY_CONFIGS",
     "build_tiny_model",
     "build_tokenizer",
+    "chat_prompts",
     "list_builtins",
     "load_policy",
     "num_parameters",

@@ -63,3 +63,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=MODEL_MAX_LENGTH,
     )
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, generation prompt added.
+
+    Raises ValueError when the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template: set a plain template instead "
+            "(task.prompt_template / seqrl eval --template) or use a model that ships one"
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]

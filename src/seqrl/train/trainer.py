@@ -8,6 +8,7 @@ step is :func:`Trainer.train_step`; the maths it calls lives in :mod:`seqrl.core
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import re
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from seqrl.config import RunConfig, load_config
-from seqrl.models import load_policy, save_policy
+from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
 from seqrl.train import checkpoint as ckpt
@@ -111,6 +112,16 @@ class Trainer:
         self.eval_examples = self.task.examples(
             "test", min(cfg.task.eval_size, self.task.max_examples("test"))
         )
+        if cfg.task.chat_template:  # the prompts the policy sees; verification is unchanged
+            self.train_examples, self.eval_examples = (
+                [
+                    dataclasses.replace(e, prompt=p)
+                    for e, p in zip(
+                        ex, chat_prompts(self.tokenizer, [e.prompt for e in ex]), strict=True
+                    )
+                ]
+                for ex in (self.train_examples, self.eval_examples)
+            )
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         self.sampler = HFSampler(
             self.model,
