@@ -56,48 +56,35 @@ def test_rl_on_a_data_file_fixes_the_demo_slip(tmp_path):
     assert after >= before + 0.10, (before, after)
 
 
-def test_gsm8k_style_file_from_the_cli(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqrl",
-            "train",
-            "--no-progress",
-            "--set",
-            f"output_dir={tmp_path}",
-            "--set",
-            "name=gsm",
-            "--set",
-            "model.policy=builtin:nano",
-            "--set",
-            "task.name=file",
-            "--set",
-            f"task.train_file={TOY}",
-            "--set",
-            f"task.test_file={TOY}",
-            "--set",
-            "task.columns.prompt=question",
-            "--set",
-            'task.prompt_template="Q: {prompt}\\nA:"',  # YAML: quote it
-            "--set",
-            "rollout.max_new_tokens=8",
-            "--set",
-            "rollout.prompts_per_step=4",
-            "--set",
-            "rollout.group_size=2",
-            "--set",
-            "task.eval_size=4",
-            "--set",
-            "train.eval_samples=1",
-            "--set",
-            "train.steps=2",
-            "--set",
-            "log.tensorboard=false",
-        ],
+def _train_cli(overrides: list[str]) -> subprocess.CompletedProcess:
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return subprocess.run(
+        [sys.executable, "-m", "seqrl", "train", "--no-progress", *sets],
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_gsm8k_style_file_from_the_cli(tmp_path):
+    done = _train_cli(
+        [
+            f"output_dir={tmp_path}",
+            "name=gsm",
+            "model.policy=builtin:nano",
+            "task.name=file",
+            f"task.train_file={TOY}",
+            f"task.test_file={TOY}",
+            "task.columns.prompt=question",
+            'task.prompt_template="Q: {prompt}\\nA:"',  # YAML: quote it
+            "rollout.max_new_tokens=8",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=2",
+            "task.eval_size=4",
+            "train.eval_samples=1",
+            "train.steps=2",
+            "log.tensorboard=false",
+        ]
     )
     assert done.returncode == 0, done.stdout + done.stderr
     records = [json.loads(x) for x in (tmp_path / "gsm" / "metrics.jsonl").read_text().splitlines()]
@@ -169,21 +156,5 @@ def test_chat_template_wraps_the_prompts_the_policy_sees(tmp_path):
     assert trainer.task.reference(first) == "13"  # verification still uses the reference
     assert trainer.train_step(1)["reward/mean"] >= 0.0
     # a model without a template: a clear error from the CLI, before any work
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqrl",
-            "train",
-            "--no-progress",
-            *[
-                a
-                for o in [*common, "model.policy=builtin:nano", "task.chat_template=true"]
-                for a in ("--set", o)
-            ],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _train_cli([*common, "model.policy=builtin:nano", "task.chat_template=true"])
     assert done.returncode == 2 and "has no chat template" in done.stderr

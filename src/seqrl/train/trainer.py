@@ -59,6 +59,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _in_chat(tokenizer, examples: list) -> list:
+    """``examples`` with each prompt wrapped as a user turn of the tokenizer's chat template."""
+    prompts = chat_prompts(tokenizer, [e.prompt for e in examples])
+    return [dataclasses.replace(e, prompt=p) for e, p in zip(examples, prompts, strict=True)]
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     """LR multiplier per RL step: linear warm-up, then constant or cosine down to ``min_ratio``."""
 
@@ -113,15 +119,8 @@ class Trainer:
             "test", min(cfg.task.eval_size, self.task.max_examples("test"))
         )
         if cfg.task.chat_template:  # the prompts the policy sees; verification is unchanged
-            self.train_examples, self.eval_examples = (
-                [
-                    dataclasses.replace(e, prompt=p)
-                    for e, p in zip(
-                        ex, chat_prompts(self.tokenizer, [e.prompt for e in ex]), strict=True
-                    )
-                ]
-                for ex in (self.train_examples, self.eval_examples)
-            )
+            self.train_examples = _in_chat(self.tokenizer, self.train_examples)
+            self.eval_examples = _in_chat(self.tokenizer, self.eval_examples)
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         self.sampler = HFSampler(
             self.model,
