@@ -278,13 +278,22 @@ def _loss_overrides_model() -> type[_LossOverridesBase]:
 LossOverrides = _loss_overrides_model()
 
 
+class RewardTermConfig(_Section):
+    """One extra reward term: ``weight · fn(completion, example)`` (see seqrl.tasks.rewards)."""
+
+    fn: str = Field(min_length=1)  # "format" or "package.module:function"
+    weight: float = 1.0
+
+
 class RewardConfig(_Section):
-    """Reward values and DAPO's overlong shaping (arXiv 2503.14476, §3.4, Eq. 13)."""
+    """Reward values, extra terms and DAPO's overlong shaping (arXiv 2503.14476, §3.4, Eq. 13)."""
 
     incorrect: float = 0.0  # reward of a wrong answer (a right one gets 1); DAPO/FIPO use -1
     overlong_buffer: int | None = Field(None, ge=1)  # soft punishment window L_cache; None = off
     overlong_penalty_factor: float = Field(1.0, ge=0)  # verl's overlong_buffer.penalty_factor
     overlong_filter: bool = False  # mask truncated responses out of the loss
+    # extra terms added to the verifier's reward, e.g. [{fn: format, weight: 0.1}]
+    terms: list[RewardTermConfig] = Field(default_factory=list)
 
 
 class AlgoConfig(_Section):

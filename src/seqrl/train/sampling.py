@@ -28,6 +28,7 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
+from seqrl.tasks.rewards import RewardTerm, term_rewards
 from seqrl.train.metrics import quantiles
 from seqrl.train.step import score_rollout
 
@@ -46,6 +47,7 @@ class SamplingSettings:
     overlong_buffer: int | None = None  # L_cache of the soft punishment; None = off
     overlong_penalty_factor: float = 1.0
     overlong_filter: bool = False
+    reward_terms: tuple[RewardTerm, ...] = ()  # extra weighted terms (format, user functions)
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,18 @@ def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
     return torch.randperm(n_examples, generator=gen)
 
 
-def shaped_rewards(correct: Tensor, lengths: Tensor, s: SamplingSettings) -> Tensor:
-    """1 if correct else ``incorrect_reward``, plus DAPO's soft overlong penalty: [B] → [B].
+def shaped_rewards(
+    correct: Tensor, lengths: Tensor, s: SamplingSettings, terms: Tensor | None = None
+) -> Tensor:
+    """1 if correct else ``incorrect_reward``, + the extra terms, + DAPO's soft overlong penalty.
 
-    Computed in float64, returned in the default dtype (as the task's 0/1 scores were).
+    ``correct`` and ``lengths`` are [B]; ``terms`` is [n_terms, B] of weighted term values (see
+    :func:`extra_terms`). Computed in float64, returned in the default dtype.
     """
     one = torch.ones((), dtype=torch.float64)
     rewards = torch.where(correct, one, one * s.incorrect_reward)  # [B]
+    if terms is not None and terms.numel():
+        rewards = rewards + terms.sum(0)
     if s.overlong_buffer is not None:
         rewards = rewards + C.soft_overlong_penalty(
             lengths.to(torch.float64),
@@ -81,6 +88,12 @@ def shaped_rewards(correct: Tensor, lengths: Tensor, s: SamplingSettings) -> Ten
             factor=s.overlong_penalty_factor,
         )
     return rewards.to(torch.get_default_dtype())
+
+
+def extra_terms(texts: list[str], examples: list, group_size: int, s: SamplingSettings) -> Tensor:
+    """The weighted extra reward terms of ``texts`` (row i answers examples[i // G]): [n_terms, B]."""
+    grouped = [e for e in examples for _ in range(group_size)]
+    return term_rewards(texts, grouped, s.reward_terms)
 
 
 def point_biserial(x: Tensor, y: Tensor) -> float:
@@ -143,8 +156,8 @@ def collect_rollout(
     """
     G, P = s.group_size, len(step_examples)
     per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
-    kept: list[tuple[list, RolloutBatch, list[str], Tensor]] = []  # per generation batch
-    seen_correct, seen_lengths, seen_truncated = [], [], []
+    kept: list[tuple[list, RolloutBatch, list[str], Tensor, Tensor]] = []  # per generation batch
+    seen_correct, seen_lengths, seen_truncated, seen_terms = [], [], [], []
     n_kept, n_dropped, gen_batches, side_used = 0, 0, 0, 0
     while gen_batches < (s.max_gen_batches if s.dynamic else 1):
         examples = list(step_examples) if gen_batches == 0 else []
@@ -155,8 +168,10 @@ def collect_rollout(
         batch = sampler.generate([e.prompt for e in examples], group_size=G)
         texts, scores = score_rollout(tokenizer, task, batch, examples)
         correct = scores > 0  # [b]
+        terms = extra_terms(texts, examples, G, s)  # [n_terms, b]
         gen_batches += 1
         seen_correct.append(correct)
+        seen_terms.append(terms)
         seen_lengths.append(batch.lengths)
         seen_truncated.append(batch.truncated)
         if s.dynamic:
@@ -166,7 +181,7 @@ def collect_rollout(
         keep_idx = keep.nonzero().flatten()[: max(0, P - n_kept)]  # never more than P groups
         n_dropped += int((~keep).sum())
         if keep_idx.numel() == len(examples):
-            kept.append((examples, batch, texts, correct))
+            kept.append((examples, batch, texts, correct, terms))
             n_kept += len(examples)
         elif keep_idx.numel():
             take = torch.zeros_like(keep)
@@ -178,6 +193,7 @@ def collect_rollout(
                     select_groups(batch, take),
                     [t for t, r in zip(texts, rows.tolist(), strict=True) if r],
                     correct[rows],
+                    terms[:, rows],
                 )
             )
             n_kept += keep_idx.numel()
@@ -189,13 +205,16 @@ def collect_rollout(
     if kept:
         batch = concat_rollouts([part[1] for part in kept], tokenizer.pad_token_id)
         correct = torch.cat([part[3] for part in kept])
+        terms = torch.cat([part[4] for part in kept], dim=1)
     else:  # every group was dropped: an empty batch, and the step makes no update
         batch = select_groups(batch, torch.zeros(len(batch.prompt_ids) // G, dtype=torch.bool))
         correct = torch.zeros(0, dtype=torch.bool)
-    rewards = shaped_rewards(correct, batch.lengths, s)  # [P'·G]
+        terms = torch.zeros(len(s.reward_terms), 0, dtype=torch.float64)
+    rewards = shaped_rewards(correct, batch.lengths, s, terms)  # [P'·G]
 
     all_correct, all_lengths = torch.cat(seen_correct), torch.cat(seen_lengths)
-    all_rewards = shaped_rewards(all_correct, all_lengths, s)
+    all_terms = torch.cat(seen_terms, dim=1)  # [n_terms, all rows]
+    all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms)
     metrics = {
         "reward/mean": all_rewards.mean().item(),
         "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
@@ -207,10 +226,12 @@ def collect_rollout(
     }
     if s.overlong_buffer is not None:
         metrics["reward/overlong_penalty_mean"] = (
-            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s))
+            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s, all_terms))
             .mean()
             .item()
         )
+    for term, values in zip(s.reward_terms, all_terms, strict=True):
+        metrics[f"reward/term/{term.name}"] = values.mean().item()  # weighted, over all rows
     if s.dynamic:
         metrics |= {
             "sampling/gen_batches": float(gen_batches),

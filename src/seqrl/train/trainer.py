@@ -26,11 +26,18 @@ from seqrl.config import RunConfig, load_config
 from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
+from seqrl.tasks.rewards import RewardFunctionError, resolve_terms
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
 from seqrl.train.metrics import RunLogger, truncate_jsonl
-from seqrl.train.sampling import SamplingSettings, collect_rollout, shaped_rewards, side_stream
+from seqrl.train.sampling import (
+    SamplingSettings,
+    collect_rollout,
+    extra_terms,
+    shaped_rewards,
+    side_stream,
+)
 from seqrl.train.step import (
     UpdateSettings,
     batch_logprobs,
@@ -170,6 +177,7 @@ class Trainer:
             overlong_buffer=cfg.reward.overlong_buffer,
             overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
             overlong_filter=cfg.reward.overlong_filter,
+            reward_terms=resolve_terms([(t.fn, t.weight) for t in cfg.reward.terms], self.task),
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
@@ -268,8 +276,10 @@ class Trainer:
         greedy_rewards = None
         if cfg.algo.advantage == "remax" and examples:
             greedy = self.sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
-            _, scores = score_rollout(self.tokenizer, self.task, greedy, examples)
-            greedy_rewards = shaped_rewards(scores > 0, greedy.lengths, self.sampling_settings)
+            texts_g, scores = score_rollout(self.tokenizer, self.task, greedy, examples)
+            settings = self.sampling_settings
+            terms = extra_terms(texts_g, examples, 1, settings)
+            greedy_rewards = shaped_rewards(scores > 0, greedy.lengths, settings, terms)
         t_rollout = time.perf_counter() - t0
         critic_metrics = {}
         if not examples:  # dynamic sampling kept no group: nothing to learn from
@@ -432,7 +442,15 @@ class Trainer:
                     f"{cfg.algo.name}", total=cfg.train.steps, completed=self.state.step, info=""
                 )
                 for step in range(self.state.step + 1, cfg.train.steps + 1):
-                    metrics = self.train_step(step)
+                    try:
+                        metrics = self.train_step(step)
+                    except RewardFunctionError as err:  # keep every finished step, then stop
+                        self._save()
+                        raise TrainingAbortedError(
+                            f"{err}\nThe run's state after step {self.state.step} is saved in "
+                            f"{self.run_dir / 'checkpoints'}; fix the function and resume with "
+                            f"`seqrl train --resume {self.run_dir}`."
+                        ) from err
                     self.state.step = step
                     self.state.wall_time_s = time.perf_counter() - start_wall
                     self.logger.log(step, metrics)
