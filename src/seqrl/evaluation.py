@@ -61,12 +61,17 @@ def bootstrap_ci(
 
 
 def evaluate_samples(
-    task, examples: Sequence, completions: Sequence[Sequence[str]], *, ks: Sequence[int]
+    task,
+    examples: Sequence,
+    completions: Sequence[Sequence[str]],
+    *,
+    ks: Sequence[int],
+    ci: bool = True,
 ) -> tuple[list[dict], dict[str, float]]:
     """Per-item records and dataset summary from ``completions[i]`` (n samples of item i).
 
     Summary keys: ``avg@n``, ``pass@k`` for each k in ``ks`` (k ≤ n), ``cons@n`` when the task
-    parses answers, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap over items).
+    parses answers, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap over items) when ``ci``.
     """
     records, per_key = [], {}
     for example, samples in zip(examples, completions, strict=True):
@@ -90,5 +95,6 @@ def evaluate_samples(
     summary: dict[str, float] = {}
     for key, values in per_key.items():
         summary[key] = sum(values) / len(values)
-        summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(values)
+        if ci:
+            summary[f"{key}_ci_low"], summary[f"{key}_ci_high"] = bootstrap_ci(values)
     return records, summary

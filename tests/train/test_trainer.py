@@ -238,3 +238,31 @@ def test_eval_samples_zero_evaluates_greedy_only(fast_overrides):
     assert [r["step"] for r in evals] == [0, 1]
     assert not any("eval/sampled_acc" in r for r in records)
     assert summary["sampled_acc_start"] is None and summary["sampled_acc_end"] is None
+
+
+def test_periodic_eval_reports_avg_pass_and_cons_at_k_of_the_same_samples(fast_overrides):
+    k = 4
+    cfg = load_config(
+        None, [*fast_overrides, f"train.eval_samples={k}", "model.policy=builtin:tiny-addition"]
+    )
+    trainer = Trainer(cfg, progress=False)
+    torch.manual_seed(7)
+    got = trainer.evaluate()
+    # the same samples again (greedy decoding draws no random numbers), scored by hand
+    torch.manual_seed(7)
+    examples = trainer.eval_examples
+    batch = trainer.sampler.generate([e.prompt for e in examples], group_size=k, temperature=1.0)
+    texts = trainer.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+    avg, any_hit, majority = 0.0, 0.0, 0.0
+    for i, e in enumerate(examples):
+        answers = [trainer.task.extract_answer(t) for t in texts[i * k : (i + 1) * k]]
+        hits = [a == e.answer for a in answers]
+        avg += sum(hits) / k
+        any_hit += any(hits)
+        top = max(answers.count(a) for a in answers)
+        majority += next(a for a in answers if answers.count(a) == top) == e.answer
+    n = len(examples)
+    assert got["eval/sampled_acc"] == pytest.approx(avg / n)
+    assert got[f"eval/pass@{k}"] == pytest.approx(any_hit / n)  # unbiased pass@k with n = k
+    assert got[f"eval/cons@{k}"] == pytest.approx(majority / n)
+    assert 0 < got["eval/sampled_acc"] < got[f"eval/pass@{k}"]  # a test that can tell them apart

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from seqrl.config import RunConfig, load_config
+from seqrl.evaluation import evaluate_samples
 from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
@@ -378,9 +379,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out greedy accuracy and sampled accuracy (avg@k)."""
+        """Held-out greedy accuracy, and over k samples per problem avg@k, pass@k and cons@k.
+
+        The k-sample statistics are :func:`seqrl.evaluation.evaluate_samples`, the code behind
+        ``seqrl eval``; ``eval/sampled_acc`` is avg@k.
+        """
         k, chunk = self.cfg.train.eval_samples, max(1, 256 // max(1, self.cfg.train.eval_samples))
-        greedy_hits, sampled_hits, lengths = [], [], []
+        greedy_hits, lengths, records = [], [], []
         for s in range(0, len(self.eval_examples), chunk):
             part = self.eval_examples[s : s + chunk]
             prompts = [e.prompt for e in part]
@@ -391,15 +396,22 @@ class Trainer:
                 sampled = self.sampler.generate(
                     prompts, group_size=k, temperature=self.cfg.train.eval_temperature
                 )
-                sampled_hits.append(score_rollout(self.tokenizer, self.task, sampled, part)[1])
+                texts = self.tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
+                per_item = [texts[i * k : (i + 1) * k] for i in range(len(part))]
+                records += evaluate_samples(self.task, part, per_item, ks=[k], ci=False)[0]
         out = {
             "eval/greedy_acc": torch.cat(greedy_hits).mean().item(),
             "eval/greedy_len_mean": torch.cat(lengths).double().mean().item(),
         }
         if k:
-            out["eval/sampled_acc"] = torch.cat(sampled_hits).mean().item()
+            for key in (f"avg@{k}", f"pass@{k}", f"cons@{k}"):
+                values = [r[key] for r in records if key in r]
+                if values:
+                    name = "eval/sampled_acc" if key.startswith("avg@") else f"eval/{key}"
+                    out[name] = sum(values) / len(values)
         if self.critic is not None and k:  # critic calibration: prediction vs pass rate of k
-            out.update(self._calibration(critic_lib.pass_rates(torch.cat(sampled_hits), k)))
+            hits = torch.tensor([s > 0 for r in records for s in r["scores"]])
+            out.update(self._calibration(critic_lib.pass_rates(hits, k)))
         return reduce_metrics(out, self.dist)
 
     def _calibration(self, pass_rate) -> dict[str, float]:
@@ -507,6 +519,8 @@ class Trainer:
             "greedy_acc_end": last["eval/greedy_acc"],
             "sampled_acc_start": first.get("eval/sampled_acc"),
             "sampled_acc_end": last.get("eval/sampled_acc"),
+            "pass_at_k_start": first.get(f"eval/pass@{self.cfg.train.eval_samples}"),
+            "pass_at_k_end": last.get(f"eval/pass@{self.cfg.train.eval_samples}"),
             "nonfinite_skipped": self.state.nonfinite_total,
         }
 
@@ -522,6 +536,12 @@ class Trainer:
                 f"held-out sampled accuracy (avg@{self.cfg.train.eval_samples})",
                 f"{s['sampled_acc_start']:.3f}",
                 f"{s['sampled_acc_end']:.3f}",
+            )
+        if s["pass_at_k_start"] is not None:
+            table.add_row(
+                f"held-out pass@{self.cfg.train.eval_samples}",
+                f"{s['pass_at_k_start']:.3f}",
+                f"{s['pass_at_k_end']:.3f}",
             )
         table.add_row("steps", "0", str(s["steps"]))
         table.add_row("wall time", "", f"{s['wall_time_s']:.0f} s")
