@@ -162,11 +162,21 @@ class _Section(BaseModel):
     )
 
 
+class LoraConfig(_Section):
+    """LoRA adapters via peft (``pip install 'seqrl[peft]'``); ``r: 0`` trains every weight."""
+
+    r: int = Field(0, ge=0)  # adapter rank; 0 = off (full fine-tuning)
+    alpha: float = Field(16.0, gt=0)  # scale alpha / r
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class ModelConfig(_Section):
     # builtin:NAME or a local HF dir; the default is the demo's warm start
     policy: str = Field("builtin:tiny-addition-noisy", min_length=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     reference: str | None = None  # None = frozen copy of the initial policy (built if kl_coef > 0)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class ColumnsConfig(_Section):
@@ -362,6 +372,7 @@ class CriticConfig(_Section):
     """The value model of SPPO (``kind: scalar``) and PPO-GAE (``kind: token``); its own AdamW."""
 
     kind: Literal["none", "scalar", "token"] = "none"
+    lora: bool = False  # LoRA adapters (model.lora's settings) + a fully trained value head
     model: str = Field("policy", min_length=1)  # "policy" (its weights), builtin:SIZE, local dir
     lr: float = Field(5e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -470,6 +481,8 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
             f"critic.kind={kind!r} but algo.advantage={adv!r} does not use a critic: set "
             "critic.kind=none, or algo.advantage=sppo (scalar) / gae (token)"
         )
+    if cfg.critic.lora and not cfg.model.lora.r:
+        out.append("critic.lora=true uses model.lora's settings: set model.lora.r > 0 (e.g. 8)")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     minibatches = cfg.critic.num_minibatches
     if kind != "none" and minibatches is not None and batch % minibatches:

@@ -99,6 +99,14 @@ RESUME_CASES = {
         "rollout.prompts_per_step=8",
         "critic.warmup_steps=2",
     ],
+    # LoRA adapters on the policy and the critic (their AdamW state covers the adapters only)
+    "lora": [
+        "preset=sppo",
+        "rollout.group_size=1",
+        "rollout.prompts_per_step=8",
+        "model.lora.r=4",
+        "critic.lora=true",
+    ],
     "dapo": [
         "preset=dapo",
         "model.policy=builtin:tiny-addition",
@@ -139,7 +147,7 @@ def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    if case in ("sppo", "ppo"):
+    if case in ("sppo", "ppo", "lora"):
         a, b = _final_weights(tmp_path / "straight", "critic"), _final_weights(run, "critic")
         assert a.keys() == b.keys() and "score.weight" in a
         for key in a:

@@ -6,6 +6,7 @@ Nothing is ever downloaded: a spec is either ``builtin:<name>`` or an existing l
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +165,55 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant).
+
+    It acts only where :func:`checkpointing_active` switches it on (the policy update), never
+    while sampling, and leaves dropout modules as they are (off in eval mode).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(model).__name__} does not support gradient checkpointing; "
+            "set model.gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextmanager
+def checkpointing_active(model: torch.nn.Module):
+    """Within the block, the checkpointed layers recompute activations in backward.
+
+    transformers checkpoints a layer only while that layer is in training mode; switching
+    ``training`` on for those layers alone (not their submodules) keeps dropout off, so the
+    maths is that of eval mode, with activations recomputed.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.training = was
+
+
 def save_policy(model: Any, tok: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """``save_pretrained`` of model (safetensors, with its generation config) and tokenizer.
 
+    A LoRA model is saved merged (a plain HF model), with the adapter alone in ``adapter/``.
     Creates ``out_dir`` if needed and returns it; :func:`load_policy` reads it back.
     """
+    from seqrl.models.lora import is_lora, merged, save_adapter
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    merged(model).save_pretrained(out)  # LoRA adapters folded in: a plain HF model
     tok.save_pretrained(out)
+    if is_lora(model):
+        save_adapter(model, out / "adapter")
     return out

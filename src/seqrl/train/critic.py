@@ -318,14 +318,25 @@ def critic_from_config(cfg, policy, tokenizer, device: torch.device) -> Critic |
     probabilities and returns, and it is small next to the policy in every preset).
     """
     from seqrl.models.critic import build_critic
+    from seqrl.models.lora import apply_lora
     from seqrl.train.trainer import lr_lambda
 
     c = cfg.critic
     if c.kind == "none":
         return None
     model = build_critic(c.model, policy, tokenizer, seed=cfg.seed).to(device)
+    if c.lora:  # adapters on the backbone, the fresh value head trained in full
+        lora = cfg.model.lora
+        model = apply_lora(
+            model,
+            r=lora.r,
+            alpha=lora.alpha,
+            target_modules=lora.target_modules,
+            task_type="TOKEN_CLS",
+            modules_to_save=["score"],
+        )
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=c.lr,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,

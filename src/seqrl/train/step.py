@@ -28,7 +28,7 @@ class UpdateSettings:
     num_minibatches: int
     ppo_epochs: int
     micro_batch_size: int
-    grad_clip: float
+    grad_clip: float | None  # None: no clipping (the norm is still measured)
     temperature: float
 
 
@@ -154,7 +154,8 @@ def update_policy(
     B = batch.response_ids.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     acc, skipped = MetricAccumulator(), 0
-    model.train()
+    # the model stays in eval mode: dropout would make π_θ random, so that the ratio at θ = θ_old
+    # is not 1 and the sampler's, π_old's and the update's log-probs would disagree
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(B, generator=generator)
         for minibatch in order.chunk(settings.num_minibatches):
@@ -198,7 +199,9 @@ def update_policy(
                     if drop_rule and key in metrics:
                         metrics[key] = metrics[key] / kept_tokens.clamp(min=1)
                 acc.add(metrics)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, settings.grad_clip if settings.grad_clip is not None else math.inf
+            )
             if finite and math.isfinite(grad_norm.item()):
                 optimizer.step()
                 acc.add({"policy/grad_norm": grad_norm})

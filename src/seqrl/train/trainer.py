@@ -26,6 +26,8 @@ from seqrl.config import RunConfig, load_config
 from seqrl.evaluation import evaluate_samples
 from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
+from seqrl.models.load import checkpointing_active, enable_gradient_checkpointing
+from seqrl.models.lora import AdaptersOff, apply_lora, merged
 from seqrl.rollout import HFSampler
 from seqrl.tasks.rewards import RewardFunctionError, resolve_terms
 from seqrl.train import checkpoint as ckpt
@@ -108,9 +110,12 @@ class Trainer:
         self.model, self.tokenizer = load_policy(cfg.model.policy)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         self.model.to(self.device, dtype)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.loss_cfg = cfg.resolved_loss()
+        lora = cfg.model.lora
         self.ref_model = None
-        if self.loss_cfg.kl_coef:
+        if self.loss_cfg.kl_coef and (cfg.model.reference or not lora.r):
             ref_source = cfg.model.reference
             self.ref_model = (
                 load_policy(ref_source)[0].to(self.device, dtype)
@@ -118,6 +123,17 @@ class Trainer:
                 else copy.deepcopy(self.model)
             )
             self.ref_model.eval().requires_grad_(False)
+        # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
+        self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
+        if lora.r:  # adapters on the policy; with KL and no reference given, the base is π_ref
+            self.model = apply_lora(
+                self.model,
+                r=lora.r,
+                alpha=lora.alpha,
+                target_modules=lora.target_modules,
+            )
+            if self.loss_cfg.kl_coef and self.ref_model is None:
+                self.ref_model = AdaptersOff(self.model)
 
         self.task = cfg.task.build()
         self.train_examples = self.task.examples(
@@ -140,7 +156,7 @@ class Trainer:
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: the adapters
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
@@ -159,8 +175,6 @@ class Trainer:
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
         )
-        # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
-        self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
             raise NotImplementedError(
@@ -316,16 +330,17 @@ class Trainer:
         train_metrics, skipped = {}, 0
         critic_warmup = self.critic is not None and step <= cfg.critic.warmup_steps
         if len(texts) and not critic_warmup:  # no group kept, or the critic warming up: no update
-            train_metrics, skipped = update_policy(
-                self.model,
-                self.optimizer,
-                batch,
-                advantages,
-                old_logprobs,
-                ref_logprobs,
-                self.update_settings,
-                generator,
-            )
+            with checkpointing_active(self.model):
+                train_metrics, skipped = update_policy(
+                    self.model,
+                    self.optimizer,
+                    batch,
+                    advantages,
+                    old_logprobs,
+                    ref_logprobs,
+                    self.update_settings,
+                    generator,
+                )
         with (
             warnings.catch_warnings()
         ):  # all updates skipped (non-finite) still advance the schedule
@@ -491,7 +506,7 @@ class Trainer:
                 save_policy(self.model, self.tokenizer, self.run_dir / "final")
                 if self.critic is not None:
                     save_critic(
-                        self.critic.model, self.tokenizer, self.run_dir / "final" / "critic"
+                        merged(self.critic.model), self.tokenizer, self.run_dir / "final" / "critic"
                     )
         finally:
             self.logger.close()
