@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -148,6 +149,36 @@ def sft(
         run_sft(policy, tokenizer, the_task, settings, out_dir=out)
     except ValueError as err:
         _fail(str(err))
+
+
+@app.command("make-model")
+def make_model(
+    out: Annotated[Path, typer.Argument(help="directory to write (Hugging Face format)")],
+    text: Annotated[
+        list[Path],
+        typer.Option(help="text to train the tokenizer on: .jsonl (every string field) or text"),
+    ],
+    architecture: Annotated[str, typer.Option(help="llama | qwen2 | mistral")] = "llama",
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (at most)")] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """A small random stand-in for a pretrained model: BPE tokenizer on your text + HF model."""
+    from seqrl.models.pretrained import write_stand_in
+
+    def lines(path: Path):
+        if path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line) if line.strip() else {}
+                yield from (v for v in row.values() if isinstance(v, str))
+        else:
+            yield from path.read_text(encoding="utf-8").splitlines()
+
+    try:
+        texts = [t for path in text for t in lines(path)]
+        write_stand_in(out, texts, architecture=architecture, vocab_size=vocab_size, seed=seed)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    Console().print(f"wrote {out} ({architecture}); use it as model.policy={out}")
 
 
 @app.command()
