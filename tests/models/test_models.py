@@ -1,6 +1,10 @@
 """seqrl.models: character tokenizer, tiny Qwen2 policy, load/save round trips."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -166,8 +170,14 @@ def test_load_policy_builtins_and_dtype():
 def test_load_policy_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"builtin:tiny-addition"):
         load_policy("builtin:nope")
-    with pytest.raises(FileNotFoundError, match=r"never downloads"):
-        load_policy("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(FileNotFoundError, match=r"not an existing local directory or a .*Hub id"):
+        load_policy(str(tmp_path / "missing" / "dir" / "x"))
+    # a hub id, offline and not cached: say what to do (the hub client reads its env at import)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    code = "from seqrl.models import load_policy; load_policy('Qwen/Qwen2.5-0.5B')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert re.search(r"FileNotFoundError: .*Hugging Face Hub failed.*--local-dir DIR", done.stderr)
     with pytest.raises(ValueError, match=r"dtype"):
         load_policy("builtin:nano", dtype="float8")
     monkeypatch.setattr(load_mod, "ASSETS_DIR", tmp_path / "assets")

@@ -1,6 +1,7 @@
 """Math answers: extraction and equivalence, table-driven with the expected score and reason;
 pathological answers score 0 quickly."""
 
+import sys
 import time
 
 import pytest
@@ -17,6 +18,8 @@ CASES = [
     ("x = 3, then y = 5", "5", 1.0, "exact"),
     ("answer: 12.0", "12", 1.0, "exact"),
     ("\\boxed{7}", "8", 0.0, "different"),
+    ("#### 007", "7", 1.0, "equal value"),
+    ("#### -0.0", "0", 1.0, "equal value"),
     ("\\boxed{9^{9^{9^{9}}}}", "9^{9^{9^{9}}}+1", 0.0, "different"),
     ("no numbers here", "3", 0.0, "no answer"),
     ("\\boxed{" + "(" * 40 + "1" + ")" * 40 + "}", "1", 0.0, "too deeply nested"),
@@ -30,6 +33,14 @@ def test_math_scores_with_reason(completion, reference, score, reason):
     result = score_math(completion, reference)
     assert (result.score, result.reason) == (score, reason)
     assert time.perf_counter() - start < 5.0
+
+
+def test_plain_numbers_are_compared_by_value_without_the_parser(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if math-verify were missing
+    assert score_math("#### 52", "13") == score_math("#### 52", "13.0")
+    assert score_math("#### 52", "13").reason == "different"
+    assert score_math("#### 13.00", "13").score == 1.0
+    assert score_math("\\boxed{1/2}", "0.5").reason.startswith("different (install seqrl[math]")
 
 
 def test_extraction_modes():

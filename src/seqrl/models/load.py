@@ -1,11 +1,13 @@
-"""Load and save policies: built-in tiny models or any local Hugging Face causal-LM directory.
+"""Load and save policies: built-in tiny models or any Hugging Face causal LM.
 
-Nothing is ever downloaded: a spec is either ``builtin:<name>`` or an existing local directory.
+A spec is ``builtin:<name>``, an existing local directory, or a Hub id (``org/name``) that
+transformers loads from its cache or, when online, downloads. Tests use only the first two.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -118,26 +120,52 @@ def load_policy(
             model = build_tiny_model(tok, size=name, seed=0).to(torch_dtype)
     else:
         path = Path(spec_str).expanduser()
-        if not path.is_dir():
+        if path.is_dir():
+            model, tok = _load_dir(path, torch_dtype)
+        elif _HUB_ID.fullmatch(spec_str):
+            model, tok = _load_hub(spec_str, torch_dtype)
+        else:
             raise FileNotFoundError(
-                f"policy {spec_str!r} is not an existing local directory (seqrl never downloads "
-                f"from a hub); give a Hugging Face model directory or one of the {_builtins_hint()}"
+                f"policy {spec_str!r} is not an existing local directory or a Hugging Face Hub "
+                f"id (org/name); give a model directory, a hub id or one of the {_builtins_hint()}"
             )
-        model, tok = _load_dir(path, torch_dtype)
     if device is not None:
         model = model.to(device)
     return model.eval(), tok
 
 
-def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Tokenizer + AutoModelForCausalLM from a local directory (the path real models take)."""
-    tok = _load_tokenizer(path)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""``org/name``: a Hugging Face Hub model id (tried only when no such local directory exists)."""
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub model through the local cache (downloads only when online and not cached)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(repo_id)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"policy {repo_id!r} is not a local directory, and loading it from the Hugging Face "
+            f"Hub failed ({type(err).__name__}: {str(err).splitlines()[0]}). Offline, download "
+            f"it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and give DIR."
+        ) from None
+    return _ready(model, tok)
+
+
+def _ready(model: PreTrainedModel, tok: PreTrainedTokenizerBase):
+    """Left padding and a pad token (EOS when the checkpoint has none), ids in the model config."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     set_generation_ids(model, tok)
     return model, tok
+
+
+def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Tokenizer + AutoModelForCausalLM from a local directory (the path real models take)."""
+    tok = _load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return _ready(model, tok)
 
 
 def _declared_tokenizer_class(path: Path) -> str | None:

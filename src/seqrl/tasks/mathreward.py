@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from decimal import Decimal
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
@@ -76,6 +77,12 @@ def _normalise(answer: str) -> str:
     return s
 
 
+def _decimal(answer: str) -> Decimal | None:
+    """The value of a plain decimal numeral (``-1,234.50``), None for anything else."""
+    s = _normalise(answer)
+    return Decimal(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
+
+
 def _depth(text: str) -> int:
     depth = deepest = 0
     for ch in text:
@@ -107,6 +114,13 @@ def score_math(
     gold = reference_answer(reference)
     if _normalise(predicted) == _normalise(gold):
         return MathScore(1.0, "exact", predicted)
+    a, b = _decimal(predicted), _decimal(gold)
+    if a is not None and b is not None:  # two plain numbers: equal values or different, no parser
+        return (
+            MathScore(1.0, "equal value", predicted)
+            if a == b
+            else MathScore(0.0, "different", predicted)
+        )
     try:
         from math_verify import parse, verify
     except ImportError:
