@@ -167,7 +167,7 @@ class LoraConfig(_Section):
 
     r: int = Field(0, ge=0)  # adapter rank; 0 = off (full fine-tuning)
     alpha: float = Field(16.0, gt=0)  # scale alpha / r
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
 
 
 class ModelConfig(_Section):
@@ -303,7 +303,7 @@ class RewardConfig(_Section):
     overlong_penalty_factor: float = Field(1.0, ge=0)  # verl's overlong_buffer.penalty_factor
     overlong_filter: bool = False  # mask truncated responses out of the loss
     # extra terms added to the verifier's reward, e.g. [{fn: format, weight: 0.1}]
-    terms: list[RewardTermConfig] = Field(default_factory=list)
+    terms: tuple[RewardTermConfig, ...] = ()
 
 
 class AlgoConfig(_Section):

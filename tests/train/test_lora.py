@@ -63,6 +63,7 @@ def test_lora_run_trains_adapters_only_and_saves_a_plain_merged_model(fast_overr
             "model.policy=builtin:tiny-addition-noisy",  # right and wrong samples: a gradient
         ],
     )
+    assert load_config(None, [*fast_overrides, "model.lora.target_modules=[q_proj, v_proj]"])
     trainer = Trainer(cfg, progress=False)
     initial, tok = load_policy("builtin:tiny-addition-noisy")
     assert isinstance(trainer.ref_model, AdaptersOff)  # the base model is π_ref: no copy

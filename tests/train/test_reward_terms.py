@@ -129,6 +129,7 @@ def test_training_logs_each_term_and_adds_it_to_the_reward(fast_overrides, user_
     assert [t.fn for t in cfg.reward.terms] == ["format", "myrewards:brevity"]
     trainer = Trainer(cfg, progress=False)
     trainer.fit()
+    assert load_config(trainer.run_dir / "config.yaml") == cfg  # what --resume reads back
     rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert len(steps) == 2
