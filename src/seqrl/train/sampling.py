@@ -128,6 +128,29 @@ def concat_rollouts(batches: Sequence[RolloutBatch], pad_token_id: int) -> Rollo
     )
 
 
+def rollout_metrics(
+    all_correct: Tensor, all_lengths: Tensor, all_truncated: Tensor, s: SamplingSettings
+) -> dict[str, float]:
+    """reward/*, train/accuracy, train/truncated_frac, response_len/* over every response [n]."""
+    all_rewards = shaped_rewards(all_correct, all_lengths, s)
+    metrics = {
+        "reward/mean": all_rewards.mean().item(),
+        "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+        "train/accuracy": all_correct.double().mean().item(),
+        "train/truncated_frac": all_truncated.double().mean().item(),
+        **quantiles(all_lengths.double(), "response_len"),
+        "response_len/corr_with_correct": point_biserial(all_lengths, all_correct),
+        "response_len/corr_with_reward": point_biserial(all_lengths, all_rewards),
+    }
+    if s.overlong_buffer is not None:
+        metrics["reward/overlong_penalty_mean"] = (
+            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s))
+            .mean()
+            .item()
+        )
+    return metrics
+
+
 def collect_rollout(
     sampler,
     tokenizer,
@@ -135,11 +158,14 @@ def collect_rollout(
     step_examples: list,
     side_examples: Callable[[int, int], list],
     s: SamplingSettings,
+    seeds_for: Callable[[list[int]], list[int]] | None = None,
 ) -> StepRollout:
     """Generate, score and (with dynamic sampling) filter the groups of one step.
 
     ``step_examples`` are the step's P prompts; ``side_examples(start, count)`` returns
-    prompts ``start … start + count − 1`` of the step's side stream.
+    prompts ``start … start + count − 1`` of the step's side stream. ``seeds_for(slots)``
+    gives the sampling seed of each prompt slot (step prompt i is slot i, side prompt k is
+    slot P + k), so every group draws from its own random stream; None uses torch's global one.
     """
     G, P = s.group_size, len(step_examples)
     per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
@@ -148,11 +174,14 @@ def collect_rollout(
     n_kept, n_dropped, gen_batches, side_used = 0, 0, 0, 0
     while gen_batches < (s.max_gen_batches if s.dynamic else 1):
         examples = list(step_examples) if gen_batches == 0 else []
+        slots = list(range(len(examples)))
         extra = per_batch - len(examples)
         if extra > 0:
             examples += side_examples(side_used, extra)
+            slots += [P + side_used + k for k in range(extra)]
             side_used += extra
-        batch = sampler.generate([e.prompt for e in examples], group_size=G)
+        seeds = {} if seeds_for is None else {"seeds": seeds_for(slots)}
+        batch = sampler.generate([e.prompt for e in examples], group_size=G, **seeds)
         texts, scores = score_rollout(tokenizer, task, batch, examples)
         correct = scores > 0  # [b]
         gen_batches += 1
@@ -194,23 +223,9 @@ def collect_rollout(
         correct = torch.zeros(0, dtype=torch.bool)
     rewards = shaped_rewards(correct, batch.lengths, s)  # [P'·G]
 
-    all_correct, all_lengths = torch.cat(seen_correct), torch.cat(seen_lengths)
-    all_rewards = shaped_rewards(all_correct, all_lengths, s)
-    metrics = {
-        "reward/mean": all_rewards.mean().item(),
-        "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-        "train/accuracy": all_correct.double().mean().item(),
-        "train/truncated_frac": torch.cat(seen_truncated).double().mean().item(),
-        **quantiles(all_lengths.double(), "response_len"),
-        "response_len/corr_with_correct": point_biserial(all_lengths, all_correct),
-        "response_len/corr_with_reward": point_biserial(all_lengths, all_rewards),
-    }
-    if s.overlong_buffer is not None:
-        metrics["reward/overlong_penalty_mean"] = (
-            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s))
-            .mean()
-            .item()
-        )
+    metrics = rollout_metrics(
+        torch.cat(seen_correct), torch.cat(seen_lengths), torch.cat(seen_truncated), s
+    )
     if s.dynamic:
         metrics |= {
             "sampling/gen_batches": float(gen_batches),

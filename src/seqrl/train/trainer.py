@@ -28,9 +28,16 @@ from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
-from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
+from seqrl.train import dist as dist_lib
+from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard, shard_bounds
 from seqrl.train.metrics import RunLogger, truncate_jsonl
-from seqrl.train.sampling import SamplingSettings, collect_rollout, shaped_rewards, side_stream
+from seqrl.train.sampling import (
+    SamplingSettings,
+    collect_rollout,
+    rollout_metrics,
+    shaped_rewards,
+    side_stream,
+)
 from seqrl.train.step import (
     UpdateSettings,
     batch_logprobs,
@@ -38,6 +45,16 @@ from seqrl.train.step import (
     score_rollout,
     update_policy,
 )
+
+
+def _mismatch_settings(cfg: RunConfig) -> dict:
+    """UpdateSettings fields of the train–inference mismatch correction (``algo.mismatch``)."""
+    m = cfg.algo.mismatch
+    return {
+        "mismatch_correction": m.correction,
+        "mismatch_level": m.level,
+        "mismatch_cap": m.cap,
+    }
 
 
 class TrainingAbortedError(RuntimeError):
@@ -53,10 +70,18 @@ class TrainState:
     evals: dict = field(default_factory=dict)  # step → {"eval/greedy_acc": ..., ...}
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def stream_seed(*parts: int) -> int:
+    """A sampling-stream seed from integers (run seed, step, prompt slot, ...): stable everywhere."""
+    out = 0
+    for part in parts:
+        out = (out * 1_000_003 + part + 7_919) % (2**61 - 1)
+    return out
 
 
 def _in_chat(tokenizer, examples: list) -> list:
@@ -93,13 +118,17 @@ class Trainer:
         self.console = console or Console()
         self.show_progress = progress
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name
-        self.device = _device(cfg.device)
+        self.run_dir = dist_lib.broadcast_object(self.run_dir, self.dist)  # rank 0's timestamp
+        self.device = _device(cfg.device, self.dist.local_rank)
+        if self.dist.active:
+            shard_bounds(cfg.rollout.prompts_per_step, self.dist)  # fail early if P ∤ world size
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         self.model, self.tokenizer = load_policy(cfg.model.policy)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         self.model.to(self.device, dtype)
+        dist_lib.broadcast_module(self.model, self.dist)  # replicas start identical
         self.loss_cfg = cfg.resolved_loss()
         self.ref_model = None
         if self.loss_cfg.kl_coef:
@@ -150,9 +179,14 @@ class Trainer:
             micro_batch_size=a.micro_batch_size,
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
+            **_mismatch_settings(cfg),
         )
         # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
-        self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
+        self.critic = critic_lib.critic_from_config(
+            cfg, self.model, self.tokenizer, self.device, self.dist
+        )
+        if self.critic is not None:
+            dist_lib.broadcast_module(self.critic.model, self.dist)
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
             raise NotImplementedError(
@@ -234,6 +268,19 @@ class Trainer:
             picked.append(self.train_examples[int(self._epoch_order(epoch)[pos])])
         return shard(picked, self.dist)
 
+    def _rollout_seed(self, step: int, slot: int) -> int:
+        """Seed of the sampling stream of prompt slot ``slot`` (this rank's numbering) of ``step``.
+
+        Slots are numbered globally (rank r's step prompts follow ranks 0 … r − 1), so each
+        prompt draws the same responses whatever the number of processes.
+        """
+        P_local = self.cfg.rollout.prompts_per_step // self.dist.world_size
+        if slot < P_local:
+            slot += self.dist.rank * P_local
+        else:  # side-stream prompts (dynamic sampling, one process only)
+            slot += self.cfg.rollout.prompts_per_step - P_local
+        return stream_seed(self.cfg.seed, step, slot)
+
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order_epoch != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -258,6 +305,7 @@ class Trainer:
                 self.train_examples[int(side[i % len(side)])] for i in range(start, start + n)
             ],
             self.sampling_settings,
+            seeds_for=lambda slots: [self._rollout_seed(step, slot) for slot in slots],
         )
         examples, batch, texts, rewards = (
             rollout.examples,
@@ -314,6 +362,7 @@ class Trainer:
                 ref_logprobs,
                 self.update_settings,
                 generator,
+                self.dist,
             )
         with (
             warnings.catch_warnings()
@@ -338,7 +387,14 @@ class Trainer:
         }
         if greedy_rewards is not None:
             metrics["reward/greedy_mean"] = greedy_rewards.mean().item()
+        if self.dist.active:  # rollout statistics over every rank's responses, exactly
+            gathered = [
+                dist_lib.gather_cat(t, self.dist)
+                for t in (rollout.correct, batch.lengths, batch.truncated)
+            ]
+            metrics |= rollout_metrics(*gathered, self.sampling_settings)
         metrics = reduce_metrics(metrics, self.dist)
+        metrics["throughput/tokens_per_s"] *= self.dist.world_size  # all ranks' tokens
         if self.logger is not None:
             rows = [
                 {
@@ -368,29 +424,44 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out greedy accuracy and sampled accuracy (avg@k)."""
+        """Held-out greedy accuracy and sampled accuracy (avg@k).
+
+        Each eval example draws its k samples from its own stream (the same at every eval), and
+        under ``torchrun`` each rank evaluates a contiguous share of the examples.
+        """
         k, chunk = self.cfg.train.eval_samples, max(1, 256 // max(1, self.cfg.train.eval_samples))
+        lo, hi = dist_lib.uneven_bounds(len(self.eval_examples), self.dist)
         greedy_hits, sampled_hits, lengths = [], [], []
-        for s in range(0, len(self.eval_examples), chunk):
-            part = self.eval_examples[s : s + chunk]
+        for s in range(lo, hi, chunk):
+            part = self.eval_examples[s : min(s + chunk, hi)]
             prompts = [e.prompt for e in part]
             greedy = self.sampler.generate(prompts, group_size=1, greedy=True)
             greedy_hits.append(score_rollout(self.tokenizer, self.task, greedy, part)[1])
-            lengths.append(greedy.lengths)
+            lengths.append(greedy.lengths.cpu())
             if k:
                 sampled = self.sampler.generate(
-                    prompts, group_size=k, temperature=self.cfg.train.eval_temperature
+                    prompts,
+                    group_size=k,
+                    temperature=self.cfg.train.eval_temperature,
+                    seeds=[stream_seed(self.cfg.seed, -1, i) for i in range(s, s + len(part))],
                 )
                 sampled_hits.append(score_rollout(self.tokenizer, self.task, sampled, part)[1])
+
+        def gathered(parts: list) -> torch.Tensor:
+            local = torch.cat(parts) if parts else torch.zeros(0)
+            return dist_lib.gather_cat(local.double(), self.dist)
+
+        greedy_all, lengths_all = gathered(greedy_hits), gathered(lengths)
         out = {
-            "eval/greedy_acc": torch.cat(greedy_hits).mean().item(),
-            "eval/greedy_len_mean": torch.cat(lengths).double().mean().item(),
+            "eval/greedy_acc": greedy_all.mean().item(),
+            "eval/greedy_len_mean": lengths_all.mean().item(),
         }
         if k:
-            out["eval/sampled_acc"] = torch.cat(sampled_hits).mean().item()
-        if self.critic is not None and k:  # critic calibration: prediction vs pass rate of k
-            out.update(self._calibration(critic_lib.pass_rates(torch.cat(sampled_hits), k)))
-        return reduce_metrics(out, self.dist)
+            sampled_all = gathered(sampled_hits)
+            out["eval/sampled_acc"] = sampled_all.mean().item()
+            if self.critic is not None:  # critic calibration: prediction vs pass rate of k
+                out.update(self._calibration(critic_lib.pass_rates(sampled_all, k)))
+        return out
 
     def _calibration(self, pass_rate) -> dict[str, float]:
         predicted = critic_lib.eval_predictions(self.critic, self.sampler, self.eval_examples)
@@ -463,6 +534,7 @@ class Trainer:
                     save_critic(
                         self.critic.model, self.tokenizer, self.run_dir / "final" / "critic"
                     )
+            dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
         finally:
             self.logger.close()
         summary = self.summary()
