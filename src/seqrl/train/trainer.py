@@ -151,13 +151,7 @@ class Trainer:
             self.train_examples = _in_chat(self.tokenizer, self.train_examples)
             self.eval_examples = _in_chat(self.tokenizer, self.eval_examples)
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
-        self.sampler = HFSampler(
-            self.model,
-            self.tokenizer,
-            max_new_tokens=self.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-        )
+        self.sampler = self._build_sampler()
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -209,6 +203,39 @@ class Trainer:
         self.logger: RunLogger | None = None
         self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
 
+    def _build_sampler(self):
+        """HFSampler (any device), or the colocated vLLM engine (``rollout.engine: vllm``)."""
+        r = self.cfg.rollout
+        common = dict(max_new_tokens=self.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        if r.engine == "hf":
+            return HFSampler(self.model, self.tokenizer, **common)
+        from seqrl.rollout.vllm import VLLMSampler
+
+        if self.device.type != "cuda":
+            raise ValueError(
+                f"rollout.engine=vllm needs a CUDA device, but the run is on {self.device}; "
+                "use rollout.engine=hf"
+            )
+        v = r.vllm
+        work_dir = self.run_dir / f".vllm-rank{self.dist.rank}"
+        return VLLMSampler(
+            self.model,
+            self.tokenizer,
+            work_dir=work_dir,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_model_len=v.max_model_len,
+            enforce_eager=v.enforce_eager,
+            dtype=v.dtype,
+            seed=self.cfg.seed,
+            world_size=self.dist.world_size,
+            **common,
+        )
+
+    def _sync_sampler(self) -> None:
+        """Push the policy's weights to a separate inference engine (no-op for HFSampler)."""
+        if hasattr(self.sampler, "sync_weights"):
+            self.sampler.sync_weights(self.model)
+
     # ------------------------------------------------------------------ set-up and resume
     @classmethod
     def resume(cls, run_dir: Path, **kwargs) -> Trainer:
@@ -235,6 +262,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
+        self._sync_sampler()
         for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
             truncate_jsonl(self.run_dir / name, self.state.step)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
@@ -364,6 +392,8 @@ class Trainer:
                 generator,
                 self.dist,
             )
+        if train_metrics:
+            self._sync_sampler()  # the next rollout samples from the updated policy
         with (
             warnings.catch_warnings()
         ):  # all updates skipped (non-finite) still advance the schedule
