@@ -24,7 +24,9 @@ def test_a_prompts_responses_do_not_depend_on_its_batch():
     for rows_full, rows_part in ((slice(6, 9), slice(0, 3)), (slice(0, 3), slice(3, 6))):
         a, b = full.response_ids[rows_full], part.response_ids[rows_part]
         T = min(a.shape[1], b.shape[1])
-        assert torch.equal(full.response_mask[rows_full].sum(-1), part.response_mask[rows_part].sum(-1))
+        assert torch.equal(
+            full.response_mask[rows_full].sum(-1), part.response_mask[rows_part].sum(-1)
+        )
         assert torch.equal(a[:, :T], b[:, :T])
         torch.testing.assert_close(
             full.sampler_logprobs[rows_full][:, :T], part.sampler_logprobs[rows_part][:, :T],

@@ -90,7 +90,6 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     assert not list(tmp_path.glob("two/*rank*"))
 
 
-
 # ------------------------------------------------------------------ every aggregation, critics
 # (loss name, overrides): token-mean, seq-mean-token-mean, seq-mean-token-sum(-norm), FIPO's
 # drop rule (token sum, then divide by the kept tokens of all ranks), and the in-loss KL.

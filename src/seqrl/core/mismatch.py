@@ -98,8 +98,12 @@ def mismatch_metrics(
         one = torch.ones((), dtype=rho.dtype, device=rho.device)
         out = {
             "mismatch/ratio_mean": masked_mean(rho, mask),
-            "mismatch/ratio_min": torch.where(any_valid, torch.where(mask, rho, fill_lo).min(), one),
-            "mismatch/ratio_max": torch.where(any_valid, torch.where(mask, rho, fill_hi).max(), one),
+            "mismatch/ratio_min": torch.where(
+                any_valid, torch.where(mask, rho, fill_lo).min(), one
+            ),
+            "mismatch/ratio_max": torch.where(
+                any_valid, torch.where(mask, rho, fill_hi).max(), one
+            ),
             "mismatch/kl": masked_mean(-log_rho, mask),
             "mismatch/seq_log_ratio_abs": masked_mean(seq.abs(), rows),
         }

@@ -199,9 +199,7 @@ def update_policy(
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(B * dist.world_size, generator=generator)
         for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist):
-            total_tokens, total_sequences = global_normalizers(
-                batch.response_mask[minibatch], dist
-            )
+            total_tokens, total_sequences = global_normalizers(batch.response_mask[minibatch], dist)
             if (
                 drop_rule
             ):  # exact accumulation with FIPO's drop rule: sum, then divide (see policy_loss)
