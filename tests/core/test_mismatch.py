@@ -13,7 +13,7 @@ from torch.testing import assert_close
 import seqrl.core as C
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from reference import mismatch_weights_ref  # noqa: E402
+from reference import mismatch_weights_ref
 
 DT = torch.float64
 

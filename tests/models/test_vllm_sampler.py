@@ -33,9 +33,9 @@ def test_missing_vllm_says_how_to_install_it():
 
 
 def test_config_rejects_vllm_on_cpu_and_the_trainer_on_a_cpu_only_machine(tmp_path):
-    with pytest.raises(ConfigError, match="rollout.engine='vllm' needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"rollout\.engine='vllm' needs a CUDA GPU"):
         load_config(None, ["rollout.engine=vllm", "device=cpu"])
-    with pytest.raises(ConfigError, match="rollout.engine"):
+    with pytest.raises(ConfigError, match=r"rollout\.engine"):
         load_config(None, ["rollout.engine=vlm"])
     cfg = load_config(None, ["rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.5"])
     assert cfg.rollout.vllm.gpu_memory_utilization == 0.5
@@ -45,7 +45,7 @@ def test_config_rejects_vllm_on_cpu_and_the_trainer_on_a_cpu_only_machine(tmp_pa
 
     cfg = load_config(None, ["rollout.engine=vllm", "model.policy=builtin:nano",
                              f"output_dir={tmp_path}", "name=run"])  # fmt: skip
-    with pytest.raises((ValueError, ImportError), match="vllm|CUDA"):
+    with pytest.raises((ValueError, ImportError), match=r"vllm|CUDA"):
         Trainer(cfg, progress=False)
 
 
@@ -63,7 +63,7 @@ def test_weight_names_are_the_saved_checkpoints(tmp_path, wrap):
     model, tok = load_policy("builtin:tiny-addition")
     saved = save_policy(model, tok, tmp_path / "policy")
     with safe_open(str(saved / "model.safetensors"), "pt") as f:
-        on_disk = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        on_disk = {k: f.get_tensor(k) for k in f.keys()}
     wrapped = {"none": model, "ddp-style": _Wrapped(model), "compiled": torch.compile(model)}[wrap]
     items = dict(hf_weight_items(wrapped, dtype=torch.bfloat16))
     assert set(items) == set(on_disk)  # lm_head.weight is tied: left out, as save_pretrained does

@@ -60,7 +60,7 @@ def test_no_mismatch_without_top_p():
     """top-p = 1: μ is π_old up to float rounding, so ρ ≈ 1 and truncation at C ≥ 1 is a no-op."""
     model, batch = _batch(top_p=1.0)
     plain, a = _update(model, batch, "none", 2.0)
-    trunc, b = _update(model, batch, "truncate", 1.5)
+    _, b = _update(model, batch, "truncate", 1.5)
     assert abs(plain["mismatch/ratio_mean"] - 1) < 1e-5 and abs(plain["mismatch/kl"]) < 1e-5
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-4, atol=1e-6)

@@ -42,19 +42,19 @@ from seqrl.core.masks import (
     masked_whiten,
     sequence_lengths,
 )
-from seqrl.core.ratios import (
-    clip_masks,
-    clipped_surrogate,
-    gspo_token_log_ratio,
-    sequence_log_ratio,
-    token_log_ratio,
-)
 from seqrl.core.mismatch import (
     MISMATCH_LEVELS,
     MISMATCH_MODES,
     mismatch_log_ratio,
     mismatch_metrics,
     mismatch_weights,
+)
+from seqrl.core.ratios import (
+    clip_masks,
+    clipped_surrogate,
+    gspo_token_log_ratio,
+    sequence_log_ratio,
+    token_log_ratio,
 )
 from seqrl.core.reduce import AGG_MODES, aggregate, normalizers
 from seqrl.core.returns import (

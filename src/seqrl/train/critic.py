@@ -23,6 +23,7 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
 from seqrl.train.dist import (
+    SINGLE,
     DistInfo,
     all_reduce_grads,
     all_reduce_sum,
@@ -121,7 +122,7 @@ class Critic:
     """A critic model with its optimizer and schedule: values, advantages, one update per step."""
 
     def __init__(
-        self, model, optimizer, scheduler, settings: CriticSettings, dist: DistInfo = DistInfo()
+        self, model, optimizer, scheduler, settings: CriticSettings, dist: DistInfo = SINGLE
     ) -> None:
         if settings.kind not in ("scalar", "token"):
             raise ValueError(f"critic kind must be 'scalar' or 'token', got {settings.kind!r}")
@@ -343,7 +344,7 @@ def calibration_metrics(predicted: Tensor, pass_rate: Tensor) -> dict[str, float
 
 
 def critic_from_config(
-    cfg, policy, tokenizer, device: torch.device, dist: DistInfo = DistInfo()
+    cfg, policy, tokenizer, device: torch.device, dist: DistInfo = SINGLE
 ) -> Critic | None:
     """The run's critic (None for ``critic.kind: none``): model, AdamW and LR schedule.
 

@@ -37,6 +37,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE = DistInfo()
+"""One process: rank 0 of 1 (the default everywhere a DistInfo is optional)."""
+
+
 def init_from_env() -> DistInfo:
     """Read RANK/WORLD_SIZE set by torchrun; initialise the process group when world_size > 1.
 

@@ -16,7 +16,14 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
-from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank, reduce_sums
+from seqrl.train.dist import (
+    SINGLE,
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    any_rank,
+    reduce_sums,
+)
 from seqrl.train.metrics import MetricAccumulator
 
 
@@ -170,7 +177,7 @@ def update_policy(
     ref_logprobs: Tensor | None,
     settings: UpdateSettings,
     generator: torch.Generator,
-    dist: DistInfo = DistInfo(),
+    dist: DistInfo = SINGLE,
 ) -> tuple[dict[str, float], int]:
     """``ppo_epochs`` × ``num_minibatches`` optimizer steps on one rollout.
 
