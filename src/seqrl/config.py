@@ -220,7 +220,7 @@ class VLLMConfig(_Section):
     """The colocated vLLM engine (``rollout.engine: vllm``; GPU only, ``pip install seqrl[vllm]``)."""
 
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # share of GPU memory vLLM may take
-    max_model_len: int | None = Field(None, ge=1)  # None = prompt budget + rollout budget
+    max_model_len: int | None = Field(None, ge=1)  # None = vLLM's default for the model
     enforce_eager: bool = False  # no CUDA graphs: slower decoding, faster start, less memory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model.dtype
 
