@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -41,6 +42,7 @@ RUN = [
     "optim.lr=1e-3",
     "optim.eps=1e-3",
     "log.tensorboard=false",
+    "train.checkpoint_every=1",
 ]
 
 
@@ -61,14 +63,17 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_run_equals_one_process_run(tmp_path):
-    one = Trainer(load_config(None, [*RUN, f"output_dir={tmp_path}", "name=one"]), progress=False)
-    one.fit()
-    sets = [f"--set={o}" for o in [*RUN, f"output_dir={tmp_path}", "name=two"]]
+def _torchrun(*args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={_free_port()}", "-m", "seqrl", "train", *sets, "--no-progress"]  # fmt: skip
+           f"--master-port={_free_port()}", "-m", "seqrl", "train", *args, "--no-progress"]  # fmt: skip
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_process_run_equals_one_process_run_and_resumes(tmp_path):
+    one = Trainer(load_config(None, [*RUN, f"output_dir={tmp_path}", "name=one"]), progress=False)
+    one.fit()
+    _torchrun(*[f"--set={o}" for o in [*RUN, f"output_dir={tmp_path}", "name=two"]])
 
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
@@ -86,8 +91,17 @@ def test_two_process_run_equals_one_process_run(tmp_path):
                     "train/accuracy", "policy/grad_norm", "eval/greedy_acc", "eval/sampled_acc"):  # fmt: skip
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
-    assert (tmp_path / "two" / "checkpoints").is_dir()
     assert not list(tmp_path.glob("two/*rank*"))
+
+    # resume with the same world size from step 1: the same final parameters and log
+    run = tmp_path / "two"
+    shutil.rmtree(run / "checkpoints" / "step-2")
+    shutil.rmtree(run / "final")
+    _torchrun("--resume", str(run))
+    c = load_file(run / "final" / "model.safetensors")
+    for key in b:
+        torch.testing.assert_close(c[key], b[key], rtol=0, atol=1e-7, msg=key)
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in m2]
 
 
 # ------------------------------------------------------------------ every aggregation, critics

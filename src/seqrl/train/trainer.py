@@ -263,8 +263,10 @@ class Trainer:
             self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
         self._sync_sampler()
-        for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
-            truncate_jsonl(self.run_dir / name, self.state.step)
+        if self.dist.is_main:  # rank 0 owns the logs
+            for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
+                truncate_jsonl(self.run_dir / name, self.state.step)
+        dist_lib.barrier(self.dist)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
     def _save(self) -> None:
