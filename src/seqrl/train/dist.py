@@ -116,18 +116,23 @@ def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Sum ``.grad`` over ranks in place, in one flat buffer (a rank without a gradient sends 0).
 
     The micro-batch losses are already divided by the global normaliser, so the sum, not the
-    mean, is the gradient of the global minibatch loss.
+    mean, is the gradient of the global minibatch loss. A parameter no rank has a gradient for
+    keeps ``grad=None`` (the optimiser then skips it, as it would in one process).
     """
     if not info.active or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has_grad.to(grads[0].dtype)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype, copy=True)
         offset += n
+    for p, count in zip(params, flat[offset:].tolist(), strict=True):
+        if count == 0:  # no rank produced a gradient: leave it None, as one process would
+            p.grad = None
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
