@@ -183,9 +183,10 @@ class Trainer:
             dist_lib.broadcast_module(self.critic.model, self.dist)
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
-            raise NotImplementedError(
-                "rollout.dynamic_sampling runs in one process only for now; "
-                "set rollout.dynamic_sampling=false for multi-process runs"
+            raise ValueError(
+                "rollout.dynamic_sampling runs in one process only for now (the kept groups "
+                "would have to be rebalanced between processes); set "
+                "rollout.dynamic_sampling=false for multi-process runs, or run one process"
             )
         self.sampling_settings = SamplingSettings(
             group_size=r.group_size,
