@@ -765,3 +765,32 @@ def ref_clipped_value_loss(values, old_values, returns, mask, clip=0.5, agg="tok
             row.append(l1 if l1 >= l2 else l2)
         rows.append(row)
     return 0.5 * ref_aggregate(_stack_matrix(rows), mask, agg)
+
+
+def mismatch_weights_ref(old_logprobs, sampler_logprobs, mask, *, level, mode, cap):
+    """Train–inference mismatch weights, one row and token at a time (plain floats).
+
+    token: ρ_t = π_old/μ; sequence: ρ_i = Π_t ρ_t over valid tokens. truncate: min(ρ, C);
+    mask: ρ if ρ ≤ C else 0. Padding gets 0. Computed with math.exp in float64, guarding the
+    sequence product's overflow by comparing logs.
+    """
+    B, T = mask.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for i in range(B):
+        seq_log = 0.0
+        for t in range(T):
+            if mask[i, t]:
+                seq_log += float(old_logprobs[i, t]) - float(sampler_logprobs[i, t])
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            log_rho = (
+                float(old_logprobs[i, t]) - float(sampler_logprobs[i, t])
+                if level == "token"
+                else seq_log
+            )
+            if log_rho > math.log(cap):
+                out[i, t] = cap if mode == "truncate" else 0.0
+            else:
+                out[i, t] = math.exp(log_rho)
+    return out

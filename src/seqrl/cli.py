@@ -101,6 +101,10 @@ def train(
         trainer.fit()
     except (ConfigError, FileNotFoundError, TrainingAbortedError) as err:
         _fail(str(err))
+    finally:
+        from seqrl.train.dist import cleanup
+
+        cleanup()  # the torchrun process group, if this run started one
 
 
 @app.command()

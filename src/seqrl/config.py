@@ -226,6 +226,15 @@ class TaskConfig(_Section):
         return get_task(self.name, **kwargs)
 
 
+class VLLMConfig(_Section):
+    """The colocated vLLM engine (``rollout.engine: vllm``; GPU only, ``pip install seqrl[vllm]``)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # share of GPU memory vLLM may take
+    max_model_len: int | None = Field(None, ge=1)  # None = vLLM's default for the model
+    enforce_eager: bool = False  # no CUDA graphs: slower decoding, faster start, less memory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = model.dtype
+
+
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=1)  # samples per prompt, G
@@ -233,6 +242,10 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
+    # hf = transformers generate (any device); vllm = colocated vLLM engine, weights pushed
+    # after every optimiser step (CUDA only)
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO dynamic sampling (Eq. 11): keep only groups whose answers are neither all right nor all
     # wrong, generating further batches of prompts until prompts_per_step groups are kept or
     # max_gen_batches batches were generated (then the step trains on the groups it has).
@@ -306,6 +319,18 @@ class RewardConfig(_Section):
     terms: tuple[RewardTermConfig, ...] = ()
 
 
+class MismatchConfig(_Section):
+    """Train–inference mismatch correction (seqrl.core.mismatch): weights on π_old/μ per token.
+
+    correction: none | truncate (w = min(ρ, C), TIS) | mask (w = ρ·1[ρ ≤ C]); level: ρ per
+    token or per sequence (the product over the response); cap: C.
+    """
+
+    correction: Literal["none", "truncate", "mask"] = "none"
+    level: Literal["token", "sequence"] = "token"
+    cap: float = Field(2.0, gt=0)
+
+
 class AlgoConfig(_Section):
     name: str = "gspo"  # one of seqrl.core.POLICY_LOSS_NAMES
     # sppo = R − V(prompt) from critic.kind=scalar; gae = GAE from critic.kind=token
@@ -315,6 +340,7 @@ class AlgoConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
     loss: LossOverrides = Field(default_factory=LossOverrides)
+    mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
     # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.
     fipo_preset: Literal["official_32b", "7b", "ms_swift"] | None = None
 
@@ -509,6 +535,11 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             "task.name='file' needs task.train_file and task.test_file (the held-out problems "
             "for evaluation; they may be the same file if you have no separate split)"
         )
+    if cfg.rollout.engine == "vllm" and cfg.device == "cpu":
+        problems.append(
+            "rollout.engine='vllm' needs a CUDA GPU, but device='cpu': use rollout.engine=hf "
+            "on CPU, or device=auto/cuda on a GPU machine"
+        )
     if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
@@ -641,6 +672,13 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"SPPO with rollout.group_size={cfg.rollout.group_size}: the paper samples one "
             "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
             "cost rollout time without changing the estimator"
+        )
+    if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
+        out.append(
+            f"algo.mismatch.correction={cfg.algo.mismatch.correction!r} with "
+            "rollout.old_logprobs_source='sampler': π_old is then the sampler's μ, the mismatch "
+            "ratio π_old/μ is exactly 1 and the correction does nothing; use "
+            "old_logprobs_source=recompute, or algo.mismatch.correction=none"
         )
     if cfg.rollout.dynamic_sampling and cfg.rollout.group_size == 1:
         out.append(
@@ -996,6 +1034,7 @@ __all__ = [
     "CriticConfig",
     "LogConfig",
     "LossOverrides",
+    "MismatchConfig",
     "ModelConfig",
     "OptimConfig",
     "RewardConfig",
@@ -1003,6 +1042,7 @@ __all__ = [
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
+    "VLLMConfig",
     "config_from_dict",
     "list_presets",
     "load_config",

@@ -42,6 +42,13 @@ from seqrl.core.masks import (
     masked_whiten,
     sequence_lengths,
 )
+from seqrl.core.mismatch import (
+    MISMATCH_LEVELS,
+    MISMATCH_MODES,
+    mismatch_log_ratio,
+    mismatch_metrics,
+    mismatch_weights,
+)
 from seqrl.core.ratios import (
     clip_masks,
     clipped_surrogate,
@@ -62,6 +69,8 @@ __all__ = [
     "AGG_MODES",
     "FIPO_PRESETS",
     "KL_ESTIMATORS",
+    "MISMATCH_LEVELS",
+    "MISMATCH_MODES",
     "POLICY_LOSS_DEFAULTS",
     "POLICY_LOSS_NAMES",
     "LossOutput",
@@ -87,6 +96,9 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mismatch_log_ratio",
+    "mismatch_metrics",
+    "mismatch_weights",
     "mixed_group_mask",
     "normalizers",
     "overlong_filter_mask",

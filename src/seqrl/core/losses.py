@@ -242,6 +242,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     total_tokens: Tensor | float | None = None,
     total_sequences: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
     **hparams,
 ) -> LossOutput:
     """Clipped policy-gradient loss of algorithm ``name`` (a preset; ``hparams`` override it).
@@ -249,7 +250,11 @@ def policy_loss(
         w      = token ratio, GSPO's s_i, or GSPO-token's sg[s_i]·π/sg[π]   (ratio_level)
         Ã_t    = Â_t · f_t   (FIPO, f detached; f ≡ 1 otherwise)
         ℓ_t    = max(−Ã w, −Ã clip(w, 1 − ε_low, 1 + ε_high));  min(ℓ_t, −Ã c) where Ã < 0 (dual clip)
-        loss   = agg(ℓ) + β · agg(k(logp, ref))
+        loss   = agg(ω ⊙ ℓ) + β · agg(k(logp, ref))
+
+    ``is_weights`` ω [B, T] (detached; None = 1) are train–inference mismatch weights from
+    :func:`seqrl.core.mismatch_weights` (truncated or masked importance sampling); they scale
+    the policy term only, and zero-weight tokens still count in the normaliser.
 
     logprobs [B, T] carry the gradient; old_logprobs / ref_logprobs [B, T] and advantages [B] or
     [B, T] are treated as constants. ``total_tokens`` / ``total_sequences`` are the optimiser
@@ -289,6 +294,12 @@ def policy_loss(
     per_token = clipped_surrogate(
         ratio, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c
     )  # [B, T]
+    if is_weights is not None:
+        if is_weights.shape != per_token.shape:
+            raise ValueError(
+                f"is_weights has shape {tuple(is_weights.shape)}, expected {tuple(per_token.shape)}"
+            )
+        per_token = per_token * is_weights.detach()  # [B, T]
     norm = _normalizer(cfg.agg, total_tokens, total_sequences)
     norm["max_tokens"] = cfg.max_tokens
     policy = aggregate(per_token, loss_mask, cfg.agg, **norm)

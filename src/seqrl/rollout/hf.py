@@ -4,6 +4,13 @@ The sampler is where the response mask is made: True on every sampled token up t
 the first EOS, False on the padding after it. It also returns its own log-probs of the sampled
 tokens under the distribution it sampled from (temperature and top-p applied), so a trainer can
 use them as π_old (GSPO §5.4) instead of recomputing.
+
+With ``seeds`` (one per prompt) every response draws its tokens from its own random stream,
+seeded by (prompt seed, sample index) and independent of which other prompts share the batch:
+the same prompt with the same seed gets the same response whether it is generated alone, in a
+batch of 8, or on another rank of a multi-process run. The draw is the Gumbel-max trick,
+y_t = argmax_v (log μ(v) + g_v) with g_v = −log(−log u_v), u_v ~ U(0, 1) from the row's stream,
+which samples exactly from μ (the temperature- and top-p-processed distribution).
 """
 
 from __future__ import annotations
@@ -36,8 +43,50 @@ class RolloutBatch:
 
 class Sampler(Protocol):
     def generate(
-        self, prompts: list[str], *, group_size: int, greedy: bool = False
+        self,
+        prompts: list[str],
+        *,
+        group_size: int,
+        greedy: bool = False,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch: ...
+
+
+def row_seeds(seeds: list[int], group_size: int) -> list[int]:
+    """The stream seed of each of the B = P·G rows: sample j of prompt i → (seeds[i], j)."""
+    return [(s * 1_000_003 + j) % (2**63 - 1) for s in seeds for j in range(group_size)]
+
+
+class _RowStreamSampler:
+    """A logits processor that samples each row from its own generator (Gumbel-max).
+
+    Called by greedy ``generate`` with the raw next-token logits [B, V]; applies temperature
+    and top-p, records log μ [B, V] for the sampler log-probs, and returns log μ + Gumbel noise,
+    whose argmax is a sample from μ.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device) -> None:
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        self.logprobs: list[Tensor] = []  # per step, [B, V]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = scores.float() / self.temperature  # [B, V]
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        logp = torch.log_softmax(scores, dim=-1)  # [B, V] log μ
+        self.logprobs.append(logp)
+        u = torch.stack(
+            [
+                torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                for g in self.generators
+            ]
+        )  # [B, V]
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+        return logp + gumbel
 
 
 def response_mask_from_tokens(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
@@ -75,11 +124,22 @@ class HFSampler:
         group_size: int,
         greedy: bool = False,
         temperature: float | None = None,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch:
-        """Sample ``group_size`` responses per prompt (or one greedy response each)."""
+        """Sample ``group_size`` responses per prompt (or one greedy response each).
+
+        ``seeds`` (one per prompt): per-row random streams (see the module docstring);
+        None draws from torch's global generator, as ``generate`` does.
+        """
         repeated = [p for p in prompts for _ in range(group_size)]
         prompt_ids, prompt_mask = self.encode(repeated)  # [B, Lp]
         temperature = self.temperature if temperature is None else temperature
+        if seeds is not None and not greedy:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            return self._generate_seeded(
+                prompt_ids, prompt_mask, row_seeds(seeds, group_size), temperature, group_size
+            )
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
@@ -105,6 +165,38 @@ class HFSampler:
             torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         )
         logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # [B, T]
+        return RolloutBatch(
+            prompt_ids, prompt_mask, response_ids, mask, logprobs, truncated, group_size
+        )
+
+    def _generate_seeded(
+        self, prompt_ids, prompt_mask, seeds: list[int], temperature: float, group_size: int
+    ) -> RolloutBatch:
+        from transformers import LogitsProcessorList
+
+        row_sampler = _RowStreamSampler(seeds, temperature, self.top_p, prompt_ids.device)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,  # the argmax of log μ + Gumbel noise is the sample
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([row_sampler]),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+        )
+        self.model.train(was_training)
+        response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
+        mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
+        T = response_ids.shape[1]
+        logp = torch.stack(row_sampler.logprobs[:T], dim=1)  # [B, T, V]
+        logprobs = logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
+        logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
         return RolloutBatch(
             prompt_ids, prompt_mask, response_ids, mask, logprobs, truncated, group_size
         )

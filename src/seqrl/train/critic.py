@@ -22,8 +22,16 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
+from seqrl.train.dist import (
+    SINGLE,
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    any_rank,
+    reduce_sums,
+)
 from seqrl.train.metrics import MetricAccumulator
-from seqrl.train.step import _trim, joint_inputs
+from seqrl.train.step import _trim, global_normalizers, joint_inputs, minibatch_rows
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,35 @@ def batch_values(critic, batch: RolloutBatch, kind: str, micro_batch_size: int) 
     return torch.cat(parts)
 
 
+def global_whiten(x: Tensor, mask: Tensor, dist: DistInfo, eps: float = 1e-8) -> Tensor:
+    """:func:`seqrl.core.masked_whiten` with the mean and unbiased variance over all ranks.
+
+    Two passes, as the one-process version: Σx and n, then Σ(x − mean)². x, mask: [b, T].
+    """
+    sums = all_reduce_sum(torch.stack([C.masked_sum(x, mask), mask.sum().to(x.dtype)]), dist)
+    mean = sums[0] / sums[1].clamp(min=1)
+    sq = all_reduce_sum(C.masked_sum((x - mean) ** 2, mask), dist)
+    var = sq / (sums[1] - 1.0).clamp(min=1.0)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
 # ------------------------------------------------------------------------------- the critic
 
 
 class Critic:
     """A critic model with its optimizer and schedule: values, advantages, one update per step."""
 
-    def __init__(self, model, optimizer, scheduler, settings: CriticSettings) -> None:
+    def __init__(
+        self, model, optimizer, scheduler, settings: CriticSettings, dist: DistInfo = SINGLE
+    ) -> None:
         if settings.kind not in ("scalar", "token"):
             raise ValueError(f"critic kind must be 'scalar' or 'token', got {settings.kind!r}")
         if settings.token_loss not in ("mse", "bce"):
             raise ValueError(f"token_loss must be 'mse' or 'bce', got {settings.token_loss!r}")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.settings = settings
+        self.dist = dist
 
     @property
     def kind(self) -> str:
@@ -136,11 +160,16 @@ class Critic:
         rewards = rewards.to(device=values.device, dtype=values.dtype)
         if self.kind == "scalar":
             return C.sppo_advantages(rewards, values), rewards
-        s = self.settings
-        token_rewards = C.token_level_rewards(rewards, batch.response_mask).to(values.dtype)
-        return C.gae_advantages(
-            token_rewards, values, batch.response_mask, gamma=s.gamma, lam=s.lam, whiten=s.whiten
+        s, mask = self.settings, batch.response_mask
+        token_rewards = C.token_level_rewards(rewards, mask).to(values.dtype)
+        if not self.dist.active:
+            return C.gae_advantages(
+                token_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=s.whiten
+            )
+        advantages, returns = C.gae_advantages(
+            token_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=False
         )
+        return (global_whiten(advantages, mask, self.dist) if s.whiten else advantages), returns
 
     def update(
         self, batch: RolloutBatch, targets: Tensor, old_values: Tensor, generator: torch.Generator
@@ -150,17 +179,17 @@ class Critic:
         The loss normaliser is the minibatch's, so micro-batching does not change the gradient.
         A non-finite loss or gradient skips that step (counted in ``critic/nonfinite_skipped``).
         """
-        s, mask = self.settings, batch.response_mask
+        s, mask, dist = self.settings, batch.response_mask, self.dist
         B = batch.response_ids.shape[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
         acc, skipped = MetricAccumulator(), 0
         self.model.train()
         for _ in range(s.ppo_epochs):
-            order = torch.randperm(B, generator=generator)
-            for minibatch in order.chunk(s.num_minibatches):
-                total_tokens, total_sequences = C.normalizers(mask[minibatch])
+            order = torch.randperm(B * dist.world_size, generator=generator)
+            for minibatch in minibatch_rows(order, s.num_minibatches, B, dist):
+                total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
                 finite, minibatch_loss = True, torch.zeros((), dtype=torch.float64)
-                for micro in minibatch.split(s.micro_batch_size):
+                for micro in minibatch.split(s.micro_batch_size) if minibatch.numel() else ():
                     if self.kind == "scalar":
                         logits = prompt_value_logits(
                             self.model, batch.prompt_ids[micro], batch.prompt_mask[micro]
@@ -190,12 +219,14 @@ class Critic:
                         )
                     finite &= bool(torch.isfinite(out.loss))
                     out.loss.backward()
-                    minibatch_loss += out.loss.detach().double()  # micro shares sum to the loss
+                    minibatch_loss += out.loss.detach().double().cpu()  # shares sum to the loss
                     acc.add({k: v for k, v in out.metrics.items() if k != "critic/loss"})
-                acc.add({"critic/loss": minibatch_loss})
+                acc.add({"critic/loss": all_reduce_sum(minibatch_loss, dist)})
+                all_reduce_grads(params, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, s.grad_clip if s.grad_clip is not None else math.inf
                 )
+                finite = not any_rank(not finite, dist)
                 if finite and math.isfinite(grad_norm.item()):
                     self.optimizer.step()
                     acc.add({"critic/grad_norm": grad_norm})
@@ -204,7 +235,8 @@ class Critic:
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.model.eval()
-        return acc.means() | {"critic/nonfinite_skipped": float(skipped)}
+        means = reduce_sums(acc.sums(), dist) if dist.active else acc.means()
+        return means | {"critic/nonfinite_skipped": float(skipped)}
 
     @torch.no_grad()
     def prompt_predictions(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
@@ -311,7 +343,9 @@ def calibration_metrics(predicted: Tensor, pass_rate: Tensor) -> dict[str, float
 # ------------------------------------------------------------------------------- from a config
 
 
-def critic_from_config(cfg, policy, tokenizer, device: torch.device) -> Critic | None:
+def critic_from_config(
+    cfg, policy, tokenizer, device: torch.device, dist: DistInfo = SINGLE
+) -> Critic | None:
     """The run's critic (None for ``critic.kind: none``): model, AdamW and LR schedule.
 
     ``cfg`` is a :class:`seqrl.config.RunConfig`; the critic is float32 (its BCE/MSE targets are
@@ -358,7 +392,7 @@ def critic_from_config(cfg, policy, tokenizer, device: torch.device) -> Critic |
         lam=c.lam,
         whiten=c.whiten,
     )
-    return Critic(model, optimizer, scheduler, settings)
+    return Critic(model, optimizer, scheduler, settings, dist)
 
 
 def critic_step(

@@ -23,6 +23,10 @@ class MetricAccumulator:
             self._sums[key] = self._sums[key] + value if key in self._sums else value
             self._counts[key] += 1
 
+    def sums(self) -> dict[str, tuple[float, int]]:
+        """{key: (sum, count)}, for averaging over ranks (:func:`seqrl.train.dist.reduce_sums`)."""
+        return {k: (v.item(), self._counts[k]) for k, v in self._sums.items()}
+
     def means(self) -> dict[str, float]:
         return {k: (v / self._counts[k]).item() for k, v in self._sums.items()}
 

@@ -60,6 +60,7 @@ class StepRollout:
     rewards: Tensor  # [P'·G] shaped rewards
     correct: Tensor  # [P'·G] bool
     metrics: dict[str, float]  # over every response generated in the step, + sampling/*
+    terms: Tensor | None = None  # [n_terms, P'·G] weighted extra reward terms
 
 
 def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
@@ -141,6 +142,40 @@ def concat_rollouts(batches: Sequence[RolloutBatch], pad_token_id: int) -> Rollo
     )
 
 
+def rollout_metrics(
+    all_correct: Tensor,
+    all_lengths: Tensor,
+    all_truncated: Tensor,
+    s: SamplingSettings,
+    all_terms: Tensor | None = None,
+) -> dict[str, float]:
+    """reward/*, train/accuracy, train/truncated_frac, response_len/* over every response [n].
+
+    ``all_terms`` [n_terms, n] are the weighted extra reward terms (None: no terms).
+    """
+    if all_terms is None:
+        all_terms = torch.zeros(len(s.reward_terms), len(all_correct), dtype=torch.float64)
+    all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms)
+    metrics = {
+        "reward/mean": all_rewards.mean().item(),
+        "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+        "train/accuracy": all_correct.double().mean().item(),
+        "train/truncated_frac": all_truncated.double().mean().item(),
+        **quantiles(all_lengths.double(), "response_len"),
+        "response_len/corr_with_correct": point_biserial(all_lengths, all_correct),
+        "response_len/corr_with_reward": point_biserial(all_lengths, all_rewards),
+    }
+    if s.overlong_buffer is not None:
+        metrics["reward/overlong_penalty_mean"] = (
+            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s, all_terms))
+            .mean()
+            .item()
+        )
+    for term, values in zip(s.reward_terms, all_terms, strict=True):
+        metrics[f"reward/term/{term.name}"] = values.mean().item()  # weighted, over all rows
+    return metrics
+
+
 def collect_rollout(
     sampler,
     tokenizer,
@@ -148,11 +183,14 @@ def collect_rollout(
     step_examples: list,
     side_examples: Callable[[int, int], list],
     s: SamplingSettings,
+    seeds_for: Callable[[list[int]], list[int]] | None = None,
 ) -> StepRollout:
     """Generate, score and (with dynamic sampling) filter the groups of one step.
 
     ``step_examples`` are the step's P prompts; ``side_examples(start, count)`` returns
-    prompts ``start … start + count − 1`` of the step's side stream.
+    prompts ``start … start + count − 1`` of the step's side stream. ``seeds_for(slots)``
+    gives the sampling seed of each prompt slot (step prompt i is slot i, side prompt k is
+    slot P + k), so every group draws from its own random stream; None uses torch's global one.
     """
     G, P = s.group_size, len(step_examples)
     per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
@@ -161,11 +199,14 @@ def collect_rollout(
     n_kept, n_dropped, gen_batches, side_used = 0, 0, 0, 0
     while gen_batches < (s.max_gen_batches if s.dynamic else 1):
         examples = list(step_examples) if gen_batches == 0 else []
+        slots = list(range(len(examples)))
         extra = per_batch - len(examples)
         if extra > 0:
             examples += side_examples(side_used, extra)
+            slots += [P + side_used + k for k in range(extra)]
             side_used += extra
-        batch = sampler.generate([e.prompt for e in examples], group_size=G)
+        seeds = {} if seeds_for is None else {"seeds": seeds_for(slots)}
+        batch = sampler.generate([e.prompt for e in examples], group_size=G, **seeds)
         texts, scores = score_rollout(tokenizer, task, batch, examples)
         correct = scores > 0  # [b]
         terms = extra_terms(texts, examples, G, s)  # [n_terms, b]
@@ -212,26 +253,13 @@ def collect_rollout(
         terms = torch.zeros(len(s.reward_terms), 0, dtype=torch.float64)
     rewards = shaped_rewards(correct, batch.lengths, s, terms)  # [P'·G]
 
-    all_correct, all_lengths = torch.cat(seen_correct), torch.cat(seen_lengths)
-    all_terms = torch.cat(seen_terms, dim=1)  # [n_terms, all rows]
-    all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms)
-    metrics = {
-        "reward/mean": all_rewards.mean().item(),
-        "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-        "train/accuracy": all_correct.double().mean().item(),
-        "train/truncated_frac": torch.cat(seen_truncated).double().mean().item(),
-        **quantiles(all_lengths.double(), "response_len"),
-        "response_len/corr_with_correct": point_biserial(all_lengths, all_correct),
-        "response_len/corr_with_reward": point_biserial(all_lengths, all_rewards),
-    }
-    if s.overlong_buffer is not None:
-        metrics["reward/overlong_penalty_mean"] = (
-            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s, all_terms))
-            .mean()
-            .item()
-        )
-    for term, values in zip(s.reward_terms, all_terms, strict=True):
-        metrics[f"reward/term/{term.name}"] = values.mean().item()  # weighted, over all rows
+    metrics = rollout_metrics(
+        torch.cat(seen_correct),
+        torch.cat(seen_lengths),
+        torch.cat(seen_truncated),
+        s,
+        torch.cat(seen_terms, dim=1),
+    )
     if s.dynamic:
         metrics |= {
             "sampling/gen_batches": float(gen_batches),
@@ -246,4 +274,4 @@ def collect_rollout(
         batch = dataclasses.replace(
             batch, response_mask=C.overlong_filter_mask(batch.response_mask, batch.truncated)
         )
-    return StepRollout(examples, batch, texts, rewards, correct, metrics)
+    return StepRollout(examples, batch, texts, rewards, correct, metrics, terms)

@@ -16,6 +16,14 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
+from seqrl.train.dist import (
+    SINGLE,
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    any_rank,
+    reduce_sums,
+)
 from seqrl.train.metrics import MetricAccumulator
 
 
@@ -30,6 +38,10 @@ class UpdateSettings:
     micro_batch_size: int
     grad_clip: float | None  # None: no clipping (the norm is still measured)
     temperature: float
+    # train–inference mismatch correction (seqrl.core.mismatch): none | truncate | mask
+    mismatch_correction: str = "none"
+    mismatch_level: str = "token"  # token | sequence
+    mismatch_cap: float = 2.0  # C
 
 
 def _trim(ids: Tensor, mask: Tensor, *, left: bool) -> tuple[Tensor, Tensor]:
@@ -127,6 +139,35 @@ def compute_advantages(
     raise ValueError(f"unknown advantage estimator {kind!r}")
 
 
+def minibatch_rows(
+    order: Tensor, num_minibatches: int, local_rows: int, dist: DistInfo
+) -> list[Tensor]:
+    """This rank's local row indices of each minibatch of a global permutation ``order``.
+
+    Rank r holds global rows [r·b, (r + 1)·b), b = ``local_rows``; minibatch m is the m-th
+    equal chunk of ``order`` over all ranks, exactly as one process holding every row splits
+    it. On one process this is ``order.chunk(num_minibatches)``.
+    """
+    lo = dist.rank * local_rows
+    out = []
+    for minibatch in order.chunk(num_minibatches):
+        mine = (minibatch >= lo) & (minibatch < lo + local_rows)
+        out.append(minibatch[mine] - lo)
+    return out
+
+
+def global_normalizers(mask: Tensor, dist: DistInfo) -> tuple[Tensor, Tensor]:
+    """(total_tokens, total_sequences) of the minibatch over all ranks, each at least 1.
+
+    ``mask`` [b, T] is this rank's part of the minibatch (b may be 0).
+    """
+    if not dist.active:
+        return C.normalizers(mask)
+    local = torch.stack([mask.sum(), (mask.sum(dim=-1) > 0).sum()])  # [2] int64
+    tokens, sequences = all_reduce_sum(local, dist).clamp(min=1)
+    return tokens, sequences
+
+
 def update_policy(
     model,
     optimizer: torch.optim.Optimizer,
@@ -136,12 +177,18 @@ def update_policy(
     ref_logprobs: Tensor | None,
     settings: UpdateSettings,
     generator: torch.Generator,
+    dist: DistInfo = SINGLE,
 ) -> tuple[dict[str, float], int]:
     """``ppo_epochs`` × ``num_minibatches`` optimizer steps on one rollout.
 
     Returns (metrics averaged over micro-batches, number of skipped non-finite updates).
     The loss normaliser is the minibatch's (``total_tokens`` / ``total_sequences``), so
     the micro-batch size does not change the gradient (spec §0.3).
+
+    Under ``torchrun`` ``batch`` holds this rank's rows (the same count on every rank): the
+    minibatches are chunks of one permutation of the global rows, the normalisers are counted
+    over all ranks, and the gradients are summed over ranks before clipping, so every rank
+    takes the step one process would take on the whole batch.
 
     ``old_logprobs=None`` means a single on-policy update (one minibatch, one epoch): then
     θ = θ_old during the only forward, so π_old is the detached current log-prob, exactly,
@@ -151,61 +198,85 @@ def update_policy(
         raise ValueError("old_logprobs may only be omitted for a single on-policy update")
     cfg = C.resolve_policy_loss_config(settings.loss_name, **settings.loss_overrides)
     drop_rule = cfg.future_kl_weights and cfg.drop_dual_clipped_sequences
+    correct = settings.mismatch_correction != "none"
     B = batch.response_ids.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     acc, skipped = MetricAccumulator(), 0
     # the model stays in eval mode: dropout would make π_θ random, so that the ratio at θ = θ_old
     # is not 1 and the sampler's, π_old's and the update's log-probs would disagree
     for _ in range(settings.ppo_epochs):
-        order = torch.randperm(B, generator=generator)
-        for minibatch in order.chunk(settings.num_minibatches):
-            mask = batch.response_mask[minibatch]
-            total_tokens, total_sequences = C.normalizers(mask)
+        order = torch.randperm(B * dist.world_size, generator=generator)
+        for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist):
+            total_tokens, total_sequences = global_normalizers(batch.response_mask[minibatch], dist)
             if (
                 drop_rule
             ):  # exact accumulation with FIPO's drop rule: sum, then divide (see policy_loss)
                 total_tokens = torch.ones((), dtype=torch.float32)
             kept_tokens = torch.zeros((), dtype=torch.float64)
             finite, pending = True, []
-            for micro in minibatch.split(settings.micro_batch_size):
+            for micro in minibatch.split(settings.micro_batch_size) if minibatch.numel() else ():
+                mask = batch.response_mask[micro]
                 logprobs, entropy = response_logprobs(
                     model, batch, micro, temperature=settings.temperature, with_entropy=True
                 )
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
+                sampler_lp = batch.sampler_logprobs[micro]
+                is_weights = None
+                if correct:
+                    is_weights = C.mismatch_weights(
+                        old,
+                        sampler_lp,
+                        mask,
+                        level=settings.mismatch_level,
+                        mode=settings.mismatch_correction,
+                        cap=settings.mismatch_cap,
+                    )  # [b, T]
                 out = C.policy_loss(
                     settings.loss_name,
                     logprobs=logprobs,
-                    old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
+                    old_logprobs=old,
                     advantages=advantages[micro],
-                    mask=batch.response_mask[micro],
+                    mask=mask,
                     ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
                     total_tokens=total_tokens,
                     total_sequences=total_sequences,
+                    is_weights=is_weights,
                     **settings.loss_overrides,
                 )
                 finite &= bool(torch.isfinite(out.loss))
                 out.loss.backward()
                 if drop_rule:
-                    kept_tokens += out.metrics["fipo/kept_tokens"].double()
-                pending.append(
-                    out.metrics
-                    | {"policy/entropy": C.masked_mean(entropy, batch.response_mask[micro])}
+                    kept_tokens += out.metrics["fipo/kept_tokens"].double().cpu()
+                extra = C.mismatch_metrics(
+                    old, sampler_lp, mask, cap=settings.mismatch_cap if correct else None
                 )
-            if drop_rule and kept_tokens > 0:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(kept_tokens.item())
+                if is_weights is not None:
+                    extra["mismatch/weight_mean"] = C.masked_mean(is_weights, mask)
+                pending.append(
+                    out.metrics | extra | {"policy/entropy": C.masked_mean(entropy, mask)}
+                )
+            all_reduce_grads(params, dist)
+            if drop_rule:
+                kept_tokens = all_reduce_sum(kept_tokens, dist)
+                if kept_tokens > 0:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.div_(kept_tokens.item())
             for metrics in pending:  # with the drop rule the losses were token sums: divide too
                 for key in ("loss/policy", "loss/kl"):
                     if drop_rule and key in metrics:
-                        metrics[key] = metrics[key] / kept_tokens.clamp(min=1)
+                        metrics[key] = metrics[key] / kept_tokens.clamp(min=1).to(
+                            metrics[key].device
+                        )
                 acc.add(metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, settings.grad_clip if settings.grad_clip is not None else math.inf
             )
+            finite = not any_rank(not finite, dist)
             if finite and math.isfinite(grad_norm.item()):
                 optimizer.step()
                 acc.add({"policy/grad_norm": grad_norm})
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-    return acc.means(), skipped
+    return reduce_sums(acc.sums(), dist) if dist.active else acc.means(), skipped

@@ -32,12 +32,14 @@ from seqrl.rollout import HFSampler
 from seqrl.tasks.rewards import RewardFunctionError, resolve_terms
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
-from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
+from seqrl.train import dist as dist_lib
+from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard, shard_bounds
 from seqrl.train.metrics import RunLogger, truncate_jsonl
 from seqrl.train.sampling import (
     SamplingSettings,
     collect_rollout,
     extra_terms,
+    rollout_metrics,
     shaped_rewards,
     side_stream,
 )
@@ -48,6 +50,16 @@ from seqrl.train.step import (
     score_rollout,
     update_policy,
 )
+
+
+def _mismatch_settings(cfg: RunConfig) -> dict:
+    """UpdateSettings fields of the train–inference mismatch correction (``algo.mismatch``)."""
+    m = cfg.algo.mismatch
+    return {
+        "mismatch_correction": m.correction,
+        "mismatch_level": m.level,
+        "mismatch_cap": m.cap,
+    }
 
 
 class TrainingAbortedError(RuntimeError):
@@ -63,10 +75,18 @@ class TrainState:
     evals: dict = field(default_factory=dict)  # step → {"eval/greedy_acc": ..., ...}
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def stream_seed(*parts: int) -> int:
+    """A sampling-stream seed from integers (run seed, step, prompt slot, ...): stable everywhere."""
+    out = 0
+    for part in parts:
+        out = (out * 1_000_003 + part + 7_919) % (2**61 - 1)
+    return out
 
 
 def _in_chat(tokenizer, examples: list) -> list:
@@ -103,7 +123,10 @@ class Trainer:
         self.console = console or Console()
         self.show_progress = progress
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name
-        self.device = _device(cfg.device)
+        self.run_dir = dist_lib.broadcast_object(self.run_dir, self.dist)  # rank 0's timestamp
+        self.device = _device(cfg.device, self.dist.local_rank)
+        if self.dist.active:
+            shard_bounds(cfg.rollout.prompts_per_step, self.dist)  # fail early if P ∤ world size
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -112,6 +135,7 @@ class Trainer:
         self.model.to(self.device, dtype)
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        dist_lib.broadcast_module(self.model, self.dist)  # replicas start identical
         self.loss_cfg = cfg.resolved_loss()
         lora = cfg.model.lora
         self.ref_model = None
@@ -124,7 +148,11 @@ class Trainer:
             )
             self.ref_model.eval().requires_grad_(False)
         # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
-        self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
+        self.critic = critic_lib.critic_from_config(
+            cfg, self.model, self.tokenizer, self.device, self.dist
+        )
+        if self.critic is not None:
+            dist_lib.broadcast_module(self.critic.model, self.dist)
         if lora.r:  # adapters on the policy; with KL and no reference given, the base is π_ref
             self.model = apply_lora(
                 self.model,
@@ -146,13 +174,7 @@ class Trainer:
             self.train_examples = _in_chat(self.tokenizer, self.train_examples)
             self.eval_examples = _in_chat(self.tokenizer, self.eval_examples)
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
-        self.sampler = HFSampler(
-            self.model,
-            self.tokenizer,
-            max_new_tokens=self.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-        )
+        self.sampler = self._build_sampler()
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -174,12 +196,14 @@ class Trainer:
             micro_batch_size=a.micro_batch_size,
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
+            **_mismatch_settings(cfg),
         )
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
-            raise NotImplementedError(
-                "rollout.dynamic_sampling runs in one process only for now; "
-                "set rollout.dynamic_sampling=false for multi-process runs"
+            raise ValueError(
+                "rollout.dynamic_sampling runs in one process only for now (the kept groups "
+                "would have to be rebalanced between processes); set "
+                "rollout.dynamic_sampling=false for multi-process runs, or run one process"
             )
         self.sampling_settings = SamplingSettings(
             group_size=r.group_size,
@@ -197,6 +221,39 @@ class Trainer:
         self.state = TrainState()
         self.logger: RunLogger | None = None
         self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
+
+    def _build_sampler(self):
+        """HFSampler (any device), or the colocated vLLM engine (``rollout.engine: vllm``)."""
+        r = self.cfg.rollout
+        common = dict(max_new_tokens=self.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        if r.engine == "hf":
+            return HFSampler(self.model, self.tokenizer, **common)
+        from seqrl.rollout.vllm import VLLMSampler
+
+        if self.device.type != "cuda":
+            raise ValueError(
+                f"rollout.engine=vllm needs a CUDA device, but the run is on {self.device}; "
+                "use rollout.engine=hf"
+            )
+        v = r.vllm
+        work_dir = self.run_dir / f".vllm-rank{self.dist.rank}"
+        return VLLMSampler(
+            self.model,
+            self.tokenizer,
+            work_dir=work_dir,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_model_len=v.max_model_len,
+            enforce_eager=v.enforce_eager,
+            dtype=v.dtype,
+            seed=self.cfg.seed,
+            world_size=self.dist.world_size,
+            **common,
+        )
+
+    def _sync_sampler(self) -> None:
+        """Push the policy's weights to a separate inference engine (no-op for HFSampler)."""
+        if hasattr(self.sampler, "sync_weights"):
+            self.sampler.sync_weights(self.model)
 
     # ------------------------------------------------------------------ set-up and resume
     @classmethod
@@ -224,8 +281,11 @@ class Trainer:
         if self.critic is not None:
             self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
-        for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
-            truncate_jsonl(self.run_dir / name, self.state.step)
+        self._sync_sampler()
+        if self.dist.is_main:  # rank 0 owns the logs
+            for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
+                truncate_jsonl(self.run_dir / name, self.state.step)
+        dist_lib.barrier(self.dist)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
     def _save(self) -> None:
@@ -257,6 +317,19 @@ class Trainer:
             picked.append(self.train_examples[int(self._epoch_order(epoch)[pos])])
         return shard(picked, self.dist)
 
+    def _rollout_seed(self, step: int, slot: int) -> int:
+        """Seed of the sampling stream of prompt slot ``slot`` (this rank's numbering) of ``step``.
+
+        Slots are numbered globally (rank r's step prompts follow ranks 0 … r − 1), so each
+        prompt draws the same responses whatever the number of processes.
+        """
+        P_local = self.cfg.rollout.prompts_per_step // self.dist.world_size
+        if slot < P_local:
+            slot += self.dist.rank * P_local
+        else:  # side-stream prompts (dynamic sampling, one process only)
+            slot += self.cfg.rollout.prompts_per_step - P_local
+        return stream_seed(self.cfg.seed, step, slot)
+
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order_epoch != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -281,6 +354,7 @@ class Trainer:
                 self.train_examples[int(side[i % len(side)])] for i in range(start, start + n)
             ],
             self.sampling_settings,
+            seeds_for=lambda slots: [self._rollout_seed(step, slot) for slot in slots],
         )
         examples, batch, texts, rewards = (
             rollout.examples,
@@ -340,7 +414,10 @@ class Trainer:
                     ref_logprobs,
                     self.update_settings,
                     generator,
+                    self.dist,
                 )
+        if train_metrics:
+            self._sync_sampler()  # the next rollout samples from the updated policy
         with (
             warnings.catch_warnings()
         ):  # all updates skipped (non-finite) still advance the schedule
@@ -364,7 +441,15 @@ class Trainer:
         }
         if greedy_rewards is not None:
             metrics["reward/greedy_mean"] = greedy_rewards.mean().item()
+        if self.dist.active:  # rollout statistics over every rank's responses, exactly
+            gathered = [
+                dist_lib.gather_cat(t, self.dist)
+                for t in (rollout.correct, batch.lengths, batch.truncated)
+            ]
+            terms = dist_lib.gather_cat(rollout.terms.T, self.dist).T  # [n_terms, all rows]
+            metrics |= rollout_metrics(*gathered, self.sampling_settings, terms)
         metrics = reduce_metrics(metrics, self.dist)
+        metrics["throughput/tokens_per_s"] *= self.dist.world_size  # all ranks' tokens
         if self.logger is not None:
             rows = [
                 {
@@ -397,37 +482,53 @@ class Trainer:
         """Held-out greedy accuracy, and over k samples per problem avg@k, pass@k and cons@k.
 
         The k-sample statistics are :func:`seqrl.evaluation.evaluate_samples`, the code behind
-        ``seqrl eval``; ``eval/sampled_acc`` is avg@k.
+        ``seqrl eval``; ``eval/sampled_acc`` is avg@k. Each eval example draws its k samples
+        from its own stream (the same at every eval), and under ``torchrun`` each rank
+        evaluates a contiguous share of the examples.
         """
         k, chunk = self.cfg.train.eval_samples, max(1, 256 // max(1, self.cfg.train.eval_samples))
+        lo, hi = dist_lib.uneven_bounds(len(self.eval_examples), self.dist)
         greedy_hits, lengths, records = [], [], []
-        for s in range(0, len(self.eval_examples), chunk):
-            part = self.eval_examples[s : s + chunk]
+        for s in range(lo, hi, chunk):
+            part = self.eval_examples[s : min(s + chunk, hi)]
             prompts = [e.prompt for e in part]
             greedy = self.sampler.generate(prompts, group_size=1, greedy=True)
             greedy_hits.append(score_rollout(self.tokenizer, self.task, greedy, part)[1])
-            lengths.append(greedy.lengths)
+            lengths.append(greedy.lengths.cpu())
             if k:
                 sampled = self.sampler.generate(
-                    prompts, group_size=k, temperature=self.cfg.train.eval_temperature
+                    prompts,
+                    group_size=k,
+                    temperature=self.cfg.train.eval_temperature,
+                    seeds=[stream_seed(self.cfg.seed, -1, i) for i in range(s, s + len(part))],
                 )
                 texts = self.tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
                 per_item = [texts[i * k : (i + 1) * k] for i in range(len(part))]
-                records += evaluate_samples(self.task, part, per_item, ks=[k], ci=False)[0]
+                for rec in evaluate_samples(self.task, part, per_item, ks=[k], ci=False)[0]:
+                    records.append(
+                        {key: v for key, v in rec.items() if "@" in key or key == "scores"}
+                    )
+
+        def gathered(parts: list) -> torch.Tensor:
+            local = torch.cat(parts) if parts else torch.zeros(0)
+            return dist_lib.gather_cat(local.double(), self.dist)
+
+        greedy_all, lengths_all = gathered(greedy_hits), gathered(lengths)
         out = {
-            "eval/greedy_acc": torch.cat(greedy_hits).mean().item(),
-            "eval/greedy_len_mean": torch.cat(lengths).double().mean().item(),
+            "eval/greedy_acc": greedy_all.mean().item(),
+            "eval/greedy_len_mean": lengths_all.mean().item(),
         }
         if k:
+            records = dist_lib.gather_list(records, self.dist)  # in eval-example order
             for key in (f"avg@{k}", f"pass@{k}", f"cons@{k}"):
                 values = [r[key] for r in records if key in r]
                 if values:
                     name = "eval/sampled_acc" if key.startswith("avg@") else f"eval/{key}"
                     out[name] = sum(values) / len(values)
-        if self.critic is not None and k:  # critic calibration: prediction vs pass rate of k
-            hits = torch.tensor([s > 0 for r in records for s in r["scores"]])
-            out.update(self._calibration(critic_lib.pass_rates(hits, k)))
-        return reduce_metrics(out, self.dist)
+            if self.critic is not None:  # critic calibration: prediction vs pass rate of k
+                hits = torch.tensor([score > 0 for r in records for score in r["scores"]])
+                out.update(self._calibration(critic_lib.pass_rates(hits, k)))
+        return out
 
     def _calibration(self, pass_rate) -> dict[str, float]:
         predicted = critic_lib.eval_predictions(self.critic, self.sampler, self.eval_examples)
@@ -508,6 +609,7 @@ class Trainer:
                     save_critic(
                         merged(self.critic.model), self.tokenizer, self.run_dir / "final" / "critic"
                     )
+            dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
         finally:
             self.logger.close()
         summary = self.summary()
