@@ -162,6 +162,7 @@ class Trainer:
             )
             if self.loss_cfg.kl_coef and self.ref_model is None:
                 self.ref_model = AdaptersOff(self.model)
+            dist_lib.broadcast_module(self.model, self.dist)  # the same random adapters everywhere
 
         self.task = cfg.task.build()
         self.train_examples = self.task.examples(
@@ -252,8 +253,8 @@ class Trainer:
 
     def _sync_sampler(self) -> None:
         """Push the policy's weights to a separate inference engine (no-op for HFSampler)."""
-        if hasattr(self.sampler, "sync_weights"):
-            self.sampler.sync_weights(self.model)
+        if hasattr(self.sampler, "sync_weights"):  # LoRA: the engine gets the merged weights
+            self.sampler.sync_weights(merged(self.model))
 
     # ------------------------------------------------------------------ set-up and resume
     @classmethod
