@@ -25,11 +25,13 @@ from rich.table import Table
 from seqrl.config import RunConfig, load_config
 from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
+from seqrl.models.moe import is_moe
 from seqrl.rollout import HFSampler
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.routing import RolloutRouting
 from seqrl.train.sampling import SamplingSettings, collect_rollout, shaped_rewards, side_stream
 from seqrl.train.step import (
     UpdateSettings,
@@ -153,6 +155,10 @@ class Trainer:
         )
         # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
         self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
+        # MoE policy: each rollout's routing at θ_old is recorded (moe/* metrics), maybe replayed
+        self.routing = None
+        if cfg.moe.routing_replay or is_moe(self.model):
+            self.routing = RolloutRouting(self.model, replay=cfg.moe.routing_replay)
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
             raise NotImplementedError(
@@ -287,13 +293,15 @@ class Trainer:
 
         micro = cfg.algo.micro_batch_size
         temperature = cfg.rollout.temperature
+        routing = None  # the MoE routing recorded with the old log-probs (recompute only)
         if cfg.rollout.old_logprobs_source == "sampler":
             old_logprobs = batch.sampler_logprobs
         elif cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
             old_logprobs = None  # one on-policy update: π_old is the update's own forward, detached
         else:
+            routing = self.routing
             old_logprobs = batch_logprobs(
-                self.model, batch, temperature=temperature, micro_batch_size=micro
+                self.model, batch, temperature=temperature, micro_batch_size=micro, routing=routing
             )
         ref_logprobs = None
         if self.ref_model is not None:
@@ -314,6 +322,7 @@ class Trainer:
                 ref_logprobs,
                 self.update_settings,
                 generator,
+                routing=routing,
             )
         with (
             warnings.catch_warnings()
