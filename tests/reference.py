@@ -765,3 +765,22 @@ def ref_clipped_value_loss(values, old_values, returns, mask, clip=0.5, agg="tok
             row.append(l1 if l1 >= l2 else l2)
         rows.append(row)
     return 0.5 * ref_aggregate(_stack_matrix(rows), mask, agg)
+
+
+def ref_routing_churn(old, new, valid):
+    """Per layer: (share of valid tokens whose top-k *set* changed, mean |E_new \\ E_old| / k).
+
+    old, new: nested lists [layers][tokens][k] of expert ids; valid: [tokens] bools.
+    """
+    changed, moved = [], []
+    for old_layer, new_layer in zip(old, new, strict=True):
+        n = c = m = 0
+        for o, w, ok in zip(old_layer, new_layer, valid, strict=True):
+            if not ok:
+                continue
+            n += 1
+            c += set(o) != set(w)
+            m += len(set(w) - set(o)) / len(w)
+        changed.append(c / n)
+        moved.append(m / n)
+    return changed, moved
