@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tests.reference import ref_routing_churn
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
@@ -15,7 +16,6 @@ import seqrl.core as C
 from seqrl.models import build_tiny_model, build_tokenizer, load_policy
 from seqrl.models.moe import ROUTER_CLASSES, RouterHooks, find_routers, is_moe
 from seqrl.models.tiny import build_tiny_moe_model
-from tests.reference import ref_routing_churn
 
 _SMALL = dict(
     vocab_size=40,
