@@ -91,6 +91,14 @@ PRESET_INFO: dict[str, tuple[str, str]] = {
         "sequence-level ratio and clipping [3e-4, 4e-4], 4 minibatches per rollout",
         "arXiv 2507.18071",
     ),
+    "gspo_moe": (
+        "GSPO on the tiny MoE warm start, no Routing Replay; logs routing churn",
+        "arXiv 2507.18071",
+    ),
+    "grpo_moe_replay": (
+        "GRPO on the tiny MoE warm start with Routing Replay (R2); logs routing churn",
+        "arXiv 2507.18071",
+    ),
     "gspo_token": (
         "GSPO-token: sg[s_i]·π/sg[π] token ratios, same clipping as GSPO",
         "arXiv 2507.18071",

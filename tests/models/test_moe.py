@@ -1,8 +1,10 @@
 """Routing capture and Routing Replay hooks on real transformers MoE models; routing statistics."""
 
+import pathlib
+import sys
+
 import pytest
 import torch
-from tests.reference import ref_routing_churn
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
@@ -16,6 +18,10 @@ import seqrl.core as C
 from seqrl.models import build_tiny_model, build_tokenizer, load_policy
 from seqrl.models.moe import ROUTER_CLASSES, RouterHooks, find_routers, is_moe
 from seqrl.models.tiny import build_tiny_moe_model
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from reference import ref_routing_churn
 
 _SMALL = dict(
     vocab_size=40,
