@@ -233,6 +233,8 @@ def test_builtin_tiny_moe():
         torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True)
     )
     assert len(find_routers(model)) == 4
+    shipped, _ = load_policy("builtin:tiny-moe-addition")
+    assert type(shipped).__name__ == "Qwen3MoeForCausalLM" and len(find_routers(shipped)) == 4
 
 
 # ----------------------------------------------------------------------- routing statistics
