@@ -89,7 +89,7 @@ def test_training_forward_uses_the_recorded_routing_only_under_replay(setup, rep
     for layer, used in enumerate(observer.seen):
         used = used.view(b, Lj, -1)
         for i, row in enumerate(rows.tolist()):
-            recorded = routing.record[layer, row][_real_tokens_in_batch_order(batch, row)]
+            recorded = routing.record[layer, row][_real_tokens_in_batch_order(batch, row)].long()
             assert (recorded >= 0).all()  # every real token was recorded
             got = used[i][real[i]]
             if replay:

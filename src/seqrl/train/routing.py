@@ -50,9 +50,16 @@ class RolloutRouting:
     """Routing capture (and optional replay) of a policy's training forwards; see the module doc."""
 
     def __init__(self, model, *, replay: bool) -> None:
+        if replay and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ValueError(
+                "moe.routing_replay cannot be combined with gradient checkpointing: the "
+                "recomputed forward would route by itself; turn gradient checkpointing off"
+            )
         self.hooks = RouterHooks(model)
+        if self.hooks.num_experts > torch.iinfo(torch.int16).max:
+            raise ValueError(f"{self.hooks.num_experts} experts do not fit the int16 record")
         self.replay = replay
-        self.record: Tensor | None = None  # [layers, B, Lp + T, k] long, −1 = not recorded
+        self.record: Tensor | None = None  # [layers, B, Lp + T, k] int16, −1 = not recorded
         self.recording = False
         self.updates = 0
 
@@ -61,7 +68,7 @@ class RolloutRouting:
         B, Lp = batch.prompt_ids.shape
         T = batch.response_ids.shape[1]
         n, k = self.hooks.num_layers, self.hooks.top_k
-        self.record = torch.full((n, B, Lp + T, k), -1, dtype=torch.long)
+        self.record = torch.full((n, B, Lp + T, k), -1, dtype=torch.int16)
         self.recording, self.updates = True, 0
         self._changed = torch.zeros(n, dtype=torch.float64)  # Σ set changed, per layer
         self._expert_change = torch.zeros(n, dtype=torch.float64)  # Σ |E_new \ E_old| / k
@@ -87,7 +94,7 @@ class RolloutRouting:
             [torch.arange(Lp_full - (joint_width - T), Lp_full), Lp_full + torch.arange(T)]
         )  # [Lj] column of each joint position in the batch layout
         where = (rows.cpu()[:, None], cols[None, :])
-        recorded = self.record[:, where[0], where[1]]  # [layers, b, Lj, k]
+        recorded = self.record[:, where[0], where[1]].long()  # [layers, b, Lj, k]
         forced = None
         if self.replay and not self.recording:
             forced = [layer.reshape(-1, layer.shape[-1]) for layer in recorded]  # [b·Lj, k]
@@ -97,7 +104,7 @@ class RolloutRouting:
         own = torch.stack([c.view(b, joint_width, -1).cpu() for c in self.hooks.captured])
         positions = scoring_positions(joint_width, resp_mask.cpu())  # [b, Lj]
         if self.recording:
-            self.record[:, where[0], where[1]] = own
+            self.record[:, where[0], where[1]] = own.to(torch.int16)
             self._positions[where[0], where[1]] |= positions
         elif self.updates > 0:
             self._changed += C.routing_set_changed(recorded[:, positions], own[:, positions]).sum(1)
