@@ -4,7 +4,7 @@ The paper's claim: on MoE policies the experts a token activates move after ever
 token-level importance ratios (GRPO) compare different sub-networks and training needs Routing
 Replay, while GSPO's length-normalised sequence ratio stays stable without it.
 
-All arms start from the shipped ``builtin:tiny-moe-addition`` (a Qwen3-MoE, 4 blocks of 8
+All arms start from the shipped ``builtin:tiny-moe-addition-noisy`` (a Qwen3-MoE, 4 blocks of 8
 experts, top-2, supervised warm start on 3-digit addition) and share the task, data order,
 seeds, group size, learning rate, minibatches per rollout (default 8, so 7 of 8 updates are
 off-policy) and no KL term. They differ only in the loss (``grpo``: token ratio clipped to
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems per evaluation")
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--policy", default="builtin:tiny-moe-addition", help="MoE warm start")
+    p.add_argument("--policy", default="builtin:tiny-moe-addition-noisy", help="MoE warm start")
     p.add_argument("--out", type=Path, default=Path("runs/bench-moe-stability"))
     p.add_argument("--png", type=Path, default=None, help="curves (default: OUT/moe_stability.png)")
     return p.parse_args()

@@ -233,7 +233,7 @@ def test_builtin_tiny_moe():
         torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True)
     )
     assert len(find_routers(model)) == 4
-    shipped, _ = load_policy("builtin:tiny-moe-addition")
+    shipped, _ = load_policy("builtin:tiny-moe-addition-noisy")
     assert type(shipped).__name__ == "Qwen3MoeForCausalLM" and len(find_routers(shipped)) == 4
 
 

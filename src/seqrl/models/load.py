@@ -41,7 +41,9 @@ BUILTINS: dict[str, str] = {
     "time (27.5% held-out): a long-answer warm start for DAPO/FIPO (shipped checkpoint)",
     "tiny-moe": "randomly initialised tiny Qwen3-MoE (4 blocks of 8 experts, top-2; ~1.4M params, "
     "seed 0) with the character tokenizer",
-    "tiny-moe-addition": "tiny-moe after supervised warm start on addition (shipped checkpoint)",
+    "tiny-moe-addition-noisy": "tiny-moe warm-started on addition (98% held-out), then on a "
+    "teacher that forgets the ones carry 70% of the time (62% held-out): the MoE demo's warm "
+    "start (shipped checkpoint)",
     "nano": "randomly initialised nano Qwen2 (~0.1M params, seed 0), for fast tests",
 }
 """Built-in policy name → description (use as ``builtin:<name>``)."""
@@ -54,8 +56,9 @@ _SHIPPED = {
     "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
     "--operands 3 --steps 300 --lr 3e-4 --teacher-slip-rate 0.7 "
     "--out src/seqrl/assets/tiny-scratchpad-noisy",
-    "tiny-moe-addition": "seqrl sft --model builtin:tiny-moe "
-    "--out src/seqrl/assets/tiny-moe-addition --steps 2000 --lr 1e-3",
+    "tiny-moe-addition-noisy": "seqrl sft --model builtin:tiny-moe --steps 6000 --lr 1e-3 "
+    "--out moe-addition-clean && seqrl sft --model moe-addition-clean --steps 400 --lr 3e-4 "
+    "--teacher-slip-rate 0.7 --out src/seqrl/assets/tiny-moe-addition-noisy",
 }
 """Built-ins that are checkpoints under :data:`ASSETS_DIR`, with the command that makes each."""
 

@@ -58,6 +58,7 @@ TINY_MOE_CONFIGS: dict[str, dict[str, Any]] = {
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=96,
+        intermediate_size=96,  # unused: every block is an expert layer
         norm_topk_prob=True,  # as Qwen3-30B-A3B: the top-k router probabilities sum to 1
     ),
 }
