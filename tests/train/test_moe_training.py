@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import seqrl.core as C
-from seqrl.config import ConfigError, load_config
+from seqrl.config import ConfigError, load_config, validate_warnings
 from seqrl.models import load_policy
 from seqrl.models.moe import find_routers
 from seqrl.rollout import HFSampler
@@ -200,6 +200,8 @@ def test_replay_config_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="no supported MoE router"):
         Trainer(cfg, progress=False)
+    on_policy = load_config("grpo_moe_replay", ["algo.num_minibatches=1"])
+    assert any("nothing to replay" in w for w in validate_warnings(on_policy))
 
 
 def _train_cli(overrides):
