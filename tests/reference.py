@@ -794,3 +794,22 @@ def mismatch_weights_ref(old_logprobs, sampler_logprobs, mask, *, level, mode, c
             else:
                 out[i, t] = math.exp(log_rho)
     return out
+
+
+def ref_routing_churn(old, new, valid):
+    """Per layer: (share of valid tokens whose top-k *set* changed, mean |E_new \\ E_old| / k).
+
+    old, new: nested lists [layers][tokens][k] of expert ids; valid: [tokens] bools.
+    """
+    changed, moved = [], []
+    for old_layer, new_layer in zip(old, new, strict=True):
+        n = c = m = 0
+        for o, w, ok in zip(old_layer, new_layer, valid, strict=True):
+            if not ok:
+                continue
+            n += 1
+            c += set(o) != set(w)
+            m += len(set(w) - set(o)) / len(w)
+        changed.append(c / n)
+        moved.append(m / n)
+    return changed, moved

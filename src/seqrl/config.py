@@ -91,6 +91,14 @@ PRESET_INFO: dict[str, tuple[str, str]] = {
         "sequence-level ratio and clipping [3e-4, 4e-4], 4 minibatches per rollout",
         "arXiv 2507.18071",
     ),
+    "gspo_moe": (
+        "GSPO on the tiny MoE warm start, no Routing Replay; logs routing churn",
+        "arXiv 2507.18071",
+    ),
+    "grpo_moe_replay": (
+        "GRPO on the tiny MoE warm start with Routing Replay (R2); logs routing churn",
+        "arXiv 2507.18071",
+    ),
     "gspo_token": (
         "GSPO-token: sg[s_i]·π/sg[π] token ratios, same clipping as GSPO",
         "arXiv 2507.18071",
@@ -422,6 +430,18 @@ class CriticConfig(_Section):
 # ---- end critic ------------------------------------------------------------------------------
 
 
+class MoEConfig(_Section):
+    """Mixture-of-experts policies (any supported HF MoE, e.g. builtin:tiny-moe).
+
+    The routing of every rollout is recorded when the old log-probs are recomputed, and the
+    ``moe/*`` metrics (routing churn, expert load) are logged; ignored for a dense policy.
+    """
+
+    # Routing Replay (GSPO §5.3, R2): route every training forward of a rollout through the
+    # experts π_old chose for its tokens, with the current router's weights at those experts
+    routing_replay: bool = False
+
+
 class LogConfig(_Section):
     tensorboard: Literal["auto", True, False] = "auto"  # auto = if installed
 
@@ -441,6 +461,7 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -544,6 +565,11 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
             f"averages the other samples of the prompt), got {cfg.rollout.group_size}"
+        )
+    if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
+        problems.append(
+            "moe.routing_replay records the old policy's routing while it recomputes the old "
+            "log-probs, so it needs rollout.old_logprobs_source='recompute'"
         )
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.algo.num_minibatches:
@@ -660,6 +686,11 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"{name} is fully on-policy (algo.num_minibatches × algo.ppo_epochs = 1 with "
             "rollout.old_logprobs_source='recompute'): the importance ratio is exactly 1, so "
             f"{what}clipping never acts; use algo.num_minibatches > 1 (GSPO uses 4)"
+        )
+    if cfg.moe.routing_replay and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
+        out.append(
+            "moe.routing_replay with one update per rollout (algo.num_minibatches × "
+            "algo.ppo_epochs = 1): θ = θ_old in the only forward, so there is nothing to replay"
         )
     budget = cfg.rollout.max_new_tokens
     if loss.max_tokens is not None and budget is not None and loss.max_tokens != budget:

@@ -30,7 +30,8 @@ def test_every_preset_trains_end_to_end(preset, fast_overrides):
     overrides = [
         f"preset={preset}",
         *fast_overrides,
-        "model.policy=builtin:tiny-addition",
+        "model.policy=builtin:"
+        + ("tiny-moe-addition-noisy" if "moe" in preset else "tiny-addition"),
         "rollout.prompts_per_step=8",
     ]
     if preset == "remax":

@@ -63,6 +63,12 @@ from seqrl.core.returns import (
     future_kl,
     future_kl_quadratic,
 )
+from seqrl.core.routing import (
+    expert_load,
+    load_cv,
+    routing_expert_change,
+    routing_set_changed,
+)
 from seqrl.core.shaping import mixed_group_mask, overlong_filter_mask, soft_overlong_penalty
 
 __all__ = [
@@ -84,6 +90,7 @@ __all__ = [
     "decay_from_rate",
     "discounted_reverse_cumsum",
     "dual_clip_drop_mask",
+    "expert_load",
     "future_kl",
     "future_kl_quadratic",
     "gae_advantages",
@@ -92,6 +99,7 @@ __all__ = [
     "gspo_token_log_ratio",
     "influence_weights",
     "kl_estimate",
+    "load_cv",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -106,6 +114,8 @@ __all__ = [
     "remax_advantages",
     "resolve_policy_loss_config",
     "rloo_advantages",
+    "routing_expert_change",
+    "routing_set_changed",
     "sequence_lengths",
     "sequence_log_ratio",
     "soft_overlong_penalty",

@@ -1,8 +1,9 @@
-"""seqrl.models: the character tokenizer, tiny Qwen2 policies, and policy load/save.
+"""seqrl.models: the character tokenizer, tiny Qwen2 policies (dense and MoE), policy load/save.
 
 >>> tok = build_tokenizer()
 >>> model = build_tiny_model(tok, size="tiny", seed=0)
 >>> model, tok = load_policy("builtin:tiny")          # or a local HF dir, or "builtin:tiny-addition"
+>>> moe, _ = load_policy("builtin:tiny-moe")          # Qwen3-MoE; routing hooks: seqrl.models.moe
 >>> save_policy(model, tok, "/tmp/policy")             # doctest: +SKIP
 """
 
@@ -16,7 +17,9 @@ from seqrl.models.load import (
 )
 from seqrl.models.tiny import (
     TINY_CONFIGS,
+    TINY_MOE_CONFIGS,
     build_tiny_model,
+    build_tiny_moe_model,
     num_parameters,
     set_generation_ids,
     tiny_config,
@@ -29,7 +32,9 @@ __all__ = [
     "BUILTINS",
     "SPECIAL_TOKENS",
     "TINY_CONFIGS",
+    "TINY_MOE_CONFIGS",
     "build_tiny_model",
+    "build_tiny_moe_model",
     "build_tokenizer",
     "chat_prompts",
     "list_builtins",

@@ -21,7 +21,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from seqrl.models.tiny import build_tiny_model, set_generation_ids
+from seqrl.models.tiny import (
+    TINY_MOE_CONFIGS,
+    build_tiny_model,
+    build_tiny_moe_model,
+    set_generation_ids,
+)
 from seqrl.models.tokenizer import build_tokenizer
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -37,6 +42,11 @@ BUILTINS: dict[str, str] = {
     "tiny-scratchpad-noisy": "the tiny model warm-started on the scratchpad task (2-digit, 3 "
     "operands; 100% held-out), then on a teacher that forgets a line's ones carry 70% of the "
     "time (27.5% held-out): a long-answer warm start for DAPO/FIPO (shipped checkpoint)",
+    "tiny-moe": "randomly initialised tiny Qwen3-MoE (4 blocks of 8 experts, top-2; ~1.4M params, "
+    "seed 0) with the character tokenizer",
+    "tiny-moe-addition-noisy": "tiny-moe warm-started on addition (98% held-out), then on a "
+    "teacher that forgets the ones carry 70% of the time (62% held-out): the MoE demo's warm "
+    "start (shipped checkpoint)",
     "nano": "randomly initialised nano Qwen2 (~0.1M params, seed 0), for fast tests",
 }
 """Built-in policy name → description (use as ``builtin:<name>``)."""
@@ -49,6 +59,9 @@ _SHIPPED = {
     "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
     "--operands 3 --steps 300 --lr 3e-4 --teacher-slip-rate 0.7 "
     "--out src/seqrl/assets/tiny-scratchpad-noisy",
+    "tiny-moe-addition-noisy": "seqrl sft --model builtin:tiny-moe --steps 6000 --lr 1e-3 "
+    "--out moe-addition-clean && seqrl sft --model moe-addition-clean --steps 400 --lr 3e-4 "
+    "--teacher-slip-rate 0.7 --out src/seqrl/assets/tiny-moe-addition-noisy",
 }
 """Built-ins that are checkpoints under :data:`ASSETS_DIR`, with the command that makes each."""
 
@@ -117,7 +130,8 @@ def load_policy(
             model, tok = _load_dir(_builtin_dir(name), torch_dtype)
         else:
             tok = build_tokenizer()
-            model = build_tiny_model(tok, size=name, seed=0).to(torch_dtype)
+            build = build_tiny_moe_model if name in TINY_MOE_CONFIGS else build_tiny_model
+            model = build(tok, size=name, seed=0).to(torch_dtype)
     else:
         path = Path(spec_str).expanduser()
         if path.is_dir():

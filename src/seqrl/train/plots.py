@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import matplotlib
@@ -69,11 +70,32 @@ PANELS = {
             "fipo/safety_frac",
         ],
     ),
+    "moe_churn": (
+        "MoE routing churn vs π_old (share of response tokens × layers)",
+        ["moe/routing_churn", "moe/expert_change", "moe/routing_churn/layer_*"],
+    ),
+    "moe_load": ("MoE expert load under π_old", ["moe/load_cv", "moe/load_max"]),
     "time": (
         "seconds per step",
         ["time/step_s", "time/rollout_s", "time/train_s", "time/critic_s"],
     ),
 }
+"""Panel name → (title, metric keys); a key ending in ``*`` stands for every matching metric."""
+
+
+def _expand(records: list[dict], keys: list[str]) -> list[str]:
+    """``keys`` with each ``prefix*`` pattern replaced by the matching metric names, sorted."""
+    names = sorted({k for r in records for k in r}, key=_natural)
+    out = []
+    for key in keys:
+        out += [n for n in names if fnmatchcase(n, key)] if key.endswith("*") else [key]
+    return out
+
+
+def _natural(name: str) -> tuple:
+    """Sort key that puts layer_10 after layer_9."""
+    head, _, tail = name.rpartition("_")
+    return (head, int(tail)) if tail.isdigit() else (name, -1)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -90,7 +112,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     drawn = {
-        name: (title, [k for k in keys if _series(records, k)[0]])
+        name: (title, [k for k in _expand(records, keys) if _series(records, k)[0]])
         for name, (title, keys) in PANELS.items()
     }
     drawn = {name: v for name, v in drawn.items() if v[1]}

@@ -9,6 +9,7 @@ rollout (B = P·G rows) ─► rewards [B] ─► advantages [B]
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,17 +73,26 @@ def joint_inputs(batch: RolloutBatch, rows: Tensor) -> tuple[dict[str, Tensor], 
 
 
 def response_logprobs(
-    model, batch: RolloutBatch, rows: Tensor, *, temperature: float, with_entropy: bool = False
+    model,
+    batch: RolloutBatch,
+    rows: Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool = False,
+    routing=None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) at the sampled tokens for ``rows`` of the batch: [b, T] (+ entropy [b, T]).
 
     The same left-padded prompt and position ids as generation, so at θ_old these match the
     sampler's log-probs up to float rounding. Columns that are padding in all ``rows`` are
-    trimmed first; the result is padded back to the batch's T with zeros.
+    trimmed first; the result is padded back to the batch's T with zeros. ``routing`` (an MoE
+    policy's :class:`seqrl.train.routing.RolloutRouting`) records or replays the forward's routing.
     """
     inputs, resp_ids, resp_mask = joint_inputs(batch, rows)
     T = resp_ids.shape[1]
-    out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
+    width = inputs["input_ids"].shape[1]
+    with nullcontext() if routing is None else routing.forward(batch, rows, width, resp_mask):
+        out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
     logits = out.logits[:, :-1]  # [b, T, V]  position t predicts response token t (fp32+ inside)
     logprobs = C.token_logprobs(logits, resp_ids, temperature=temperature)  # [b, T]
     logprobs = torch.where(resp_mask, logprobs, torch.zeros_like(logprobs))
@@ -99,13 +109,22 @@ def response_logprobs(
 
 @torch.no_grad()
 def batch_logprobs(
-    model, batch: RolloutBatch, *, temperature: float, micro_batch_size: int
+    model, batch: RolloutBatch, *, temperature: float, micro_batch_size: int, routing=None
 ) -> Tensor:
-    """Log-probs of every row under ``model`` (no gradient), in micro-batches: [B, T]."""
+    """Log-probs of every row under ``model`` (no gradient), in micro-batches: [B, T].
+
+    With ``routing``, the rollout's routing at these parameters (θ_old) is recorded.
+    """
     B = batch.response_ids.shape[0]
+    if routing is not None:
+        routing.start(batch)
     parts = [
         response_logprobs(
-            model, batch, torch.arange(s, min(s + micro_batch_size, B)), temperature=temperature
+            model,
+            batch,
+            torch.arange(s, min(s + micro_batch_size, B)),
+            temperature=temperature,
+            routing=routing,
         )[0]
         for s in range(0, B, micro_batch_size)
     ]
@@ -178,6 +197,7 @@ def update_policy(
     settings: UpdateSettings,
     generator: torch.Generator,
     dist: DistInfo = SINGLE,
+    routing=None,
 ) -> tuple[dict[str, float], int]:
     """``ppo_epochs`` × ``num_minibatches`` optimizer steps on one rollout.
 
@@ -193,6 +213,10 @@ def update_policy(
     ``old_logprobs=None`` means a single on-policy update (one minibatch, one epoch): then
     θ = θ_old during the only forward, so π_old is the detached current log-prob, exactly,
     and the separate recompute pass is skipped.
+
+    ``routing`` (MoE policies): the :class:`seqrl.train.routing.RolloutRouting` that recorded
+    this rollout's routing in :func:`batch_logprobs`; it replays it (if so configured) and adds
+    the ``moe/*`` metrics.
     """
     if old_logprobs is None and settings.num_minibatches * settings.ppo_epochs != 1:
         raise ValueError("old_logprobs may only be omitted for a single on-policy update")
@@ -202,6 +226,8 @@ def update_policy(
     B = batch.response_ids.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     acc, skipped = MetricAccumulator(), 0
+    if routing is not None:
+        routing.begin_updates()
     # the model stays in eval mode: dropout would make π_θ random, so that the ratio at θ = θ_old
     # is not 1 and the sampler's, π_old's and the update's log-probs would disagree
     for _ in range(settings.ppo_epochs):
@@ -217,7 +243,12 @@ def update_policy(
             for micro in minibatch.split(settings.micro_batch_size) if minibatch.numel() else ():
                 mask = batch.response_mask[micro]
                 logprobs, entropy = response_logprobs(
-                    model, batch, micro, temperature=settings.temperature, with_entropy=True
+                    model,
+                    batch,
+                    micro,
+                    temperature=settings.temperature,
+                    with_entropy=True,
+                    routing=routing,
                 )
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
                 sampler_lp = batch.sampler_logprobs[micro]
@@ -276,7 +307,11 @@ def update_policy(
             if finite and math.isfinite(grad_norm.item()):
                 optimizer.step()
                 acc.add({"policy/grad_norm": grad_norm})
+                if routing is not None:
+                    routing.optimizer_stepped()
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
+    if routing is not None:
+        acc.add(routing.metrics())
     return reduce_sums(acc.sums(), dist) if dist.active else acc.means(), skipped

@@ -28,6 +28,7 @@ from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.models.load import checkpointing_active, enable_gradient_checkpointing
 from seqrl.models.lora import AdaptersOff, apply_lora, merged
+from seqrl.models.moe import is_moe
 from seqrl.rollout import HFSampler
 from seqrl.tasks.rewards import RewardFunctionError, resolve_terms
 from seqrl.train import checkpoint as ckpt
@@ -35,6 +36,7 @@ from seqrl.train import critic as critic_lib
 from seqrl.train import dist as dist_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard, shard_bounds
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.routing import RolloutRouting
 from seqrl.train.sampling import (
     SamplingSettings,
     collect_rollout,
@@ -199,6 +201,10 @@ class Trainer:
             temperature=cfg.rollout.temperature,
             **_mismatch_settings(cfg),
         )
+        # MoE policy: each rollout's routing at θ_old is recorded (moe/* metrics), maybe replayed
+        self.routing = None
+        if cfg.moe.routing_replay or is_moe(self.model):
+            self.routing = RolloutRouting(self.model, replay=cfg.moe.routing_replay)
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
             raise ValueError(
@@ -387,13 +393,15 @@ class Trainer:
 
         micro = cfg.algo.micro_batch_size
         temperature = cfg.rollout.temperature
+        routing = None  # the MoE routing recorded with the old log-probs (recompute only)
         if cfg.rollout.old_logprobs_source == "sampler":
             old_logprobs = batch.sampler_logprobs
         elif cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
             old_logprobs = None  # one on-policy update: π_old is the update's own forward, detached
         else:
+            routing = self.routing
             old_logprobs = batch_logprobs(
-                self.model, batch, temperature=temperature, micro_batch_size=micro
+                self.model, batch, temperature=temperature, micro_batch_size=micro, routing=routing
             )
         ref_logprobs = None
         if self.ref_model is not None:
@@ -416,6 +424,7 @@ class Trainer:
                     self.update_settings,
                     generator,
                     self.dist,
+                    routing=routing,
                 )
         if train_metrics:
             self._sync_sampler()  # the next rollout samples from the updated policy
