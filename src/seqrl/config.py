@@ -571,6 +571,11 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             "moe.routing_replay records the old policy's routing while it recomputes the old "
             "log-probs, so it needs rollout.old_logprobs_source='recompute'"
         )
+    if cfg.moe.routing_replay and cfg.model.gradient_checkpointing:
+        problems.append(
+            "moe.routing_replay cannot be combined with model.gradient_checkpointing (the "
+            "recomputed forward would route by itself): turn one of them off"
+        )
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.algo.num_minibatches:
         divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]

@@ -195,6 +195,8 @@ def test_replay_of_a_single_on_policy_minibatch_is_the_plain_update(setup):
 def test_replay_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="old_logprobs_source='recompute'"):
         load_config("gspo", ["moe.routing_replay=true", "rollout.old_logprobs_source=sampler"])
+    with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing"):
+        load_config("gspo", ["moe.routing_replay=true", "model.gradient_checkpointing=true"])
     cfg = load_config(
         "gspo", ["moe.routing_replay=true", "model.policy=builtin:nano", f"output_dir={tmp_path}"]
     )
