@@ -108,7 +108,15 @@ def _update(model, batch, routing, *, lr, num_minibatches=3, micro=4, after_step
         opt.register_step_post_hook(lambda *_: after_step())
     settings = UpdateSettings("grpo", {"kl_coef": 0.0}, num_minibatches, 1, micro, 1e9, 1.0)
     metrics, skipped = update_policy(
-        model, opt, batch, adv, old, None, settings, torch.Generator().manual_seed(7), routing
+        model,
+        opt,
+        batch,
+        adv,
+        old,
+        None,
+        settings,
+        torch.Generator().manual_seed(7),
+        routing=routing,
     )
     assert skipped == 0
     return metrics

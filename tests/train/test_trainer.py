@@ -14,7 +14,7 @@ import torch
 from seqrl.config import list_presets, load_config
 from seqrl.models import load_policy
 from seqrl.train import checkpoint as ckpt
-from seqrl.train.trainer import Trainer, TrainingAbortedError
+from seqrl.train.trainer import Trainer, TrainingAbortedError, stream_seed
 
 PRESETS = [name for name, _, _ in list_presets()]
 
@@ -255,12 +255,13 @@ def test_periodic_eval_reports_avg_pass_and_cons_at_k_of_the_same_samples(fast_o
         None, [*fast_overrides, f"train.eval_samples={k}", "model.policy=builtin:tiny-addition"]
     )
     trainer = Trainer(cfg, progress=False)
-    torch.manual_seed(7)
     got = trainer.evaluate()
-    # the same samples again (greedy decoding draws no random numbers), scored by hand
-    torch.manual_seed(7)
+    # the same samples again (each eval example has its own random stream), scored by hand
     examples = trainer.eval_examples
-    batch = trainer.sampler.generate([e.prompt for e in examples], group_size=k, temperature=1.0)
+    seeds = [stream_seed(cfg.seed, -1, i) for i in range(len(examples))]
+    batch = trainer.sampler.generate(
+        [e.prompt for e in examples], group_size=k, temperature=1.0, seeds=seeds
+    )
     texts = trainer.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
     avg, any_hit, majority = 0.0, 0.0, 0.0
     for i, e in enumerate(examples):
