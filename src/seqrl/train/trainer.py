@@ -26,6 +26,7 @@ from seqrl.config import RunConfig, load_config
 from seqrl.models import chat_prompts, load_policy, save_policy
 from seqrl.models.critic import save_critic
 from seqrl.rollout import HFSampler
+from seqrl.rollout.fast import FastSampler
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard
@@ -122,7 +123,8 @@ class Trainer:
             self.train_examples = _in_chat(self.tokenizer, self.train_examples)
             self.eval_examples = _in_chat(self.tokenizer, self.eval_examples)
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
-        self.sampler = HFSampler(
+        sampler_cls = FastSampler if cfg.rollout.sampler == "fast" else HFSampler
+        self.sampler = sampler_cls(
             self.model,
             self.tokenizer,
             max_new_tokens=self.max_new_tokens,
@@ -150,6 +152,7 @@ class Trainer:
             micro_batch_size=a.micro_batch_size,
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
+            shared_prefix=a.shared_prefix,
         )
         # critic (SPPO / PPO-GAE): its own model, optimizer and schedule; None without one
         self.critic = critic_lib.critic_from_config(cfg, self.model, self.tokenizer, self.device)
@@ -293,12 +296,20 @@ class Trainer:
             old_logprobs = None  # one on-policy update: π_old is the update's own forward, detached
         else:
             old_logprobs = batch_logprobs(
-                self.model, batch, temperature=temperature, micro_batch_size=micro
+                self.model,
+                batch,
+                temperature=temperature,
+                micro_batch_size=micro,
+                shared_prefix=cfg.algo.shared_prefix,
             )
         ref_logprobs = None
         if self.ref_model is not None:
             ref_logprobs = batch_logprobs(
-                self.ref_model, batch, temperature=temperature, micro_batch_size=micro
+                self.ref_model,
+                batch,
+                temperature=temperature,
+                micro_batch_size=micro,
+                shared_prefix=cfg.algo.shared_prefix,
             )
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lr = self.optimizer.param_groups[0]["lr"]
