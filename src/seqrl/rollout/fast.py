@@ -153,8 +153,8 @@ class FastSampler(HFSampler):
             else:
                 token = scores.argmax(dim=-1)
             token = torch.where(unfinished, token, torch.full_like(token, pad))
-            picked = scores.gather(-1, token[:, None]).squeeze(-1)
-            logprobs.append(picked - torch.logsumexp(scores, dim=-1))  # [B]
+            # log-softmax then gather, as HFSampler does from generate's scores: the same floats
+            logprobs.append(torch.log_softmax(scores, dim=-1).gather(-1, token[:, None])[:, 0])
             tokens.append(token)
             unfinished &= token != eos
             if t == T_max - 1 or not bool(unfinished.any()):
