@@ -265,7 +265,18 @@ def probe(args) -> None:
         else:
             arm = make_arms([args.probe], args.model_dir, tmp)[args.probe]
             [arm() for _ in range(3)]
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
