@@ -142,6 +142,7 @@ def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, o
     """A GRPOTrainer on the same model, task and batch; ``on_step_end`` runs after each step."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from seqrl.models import load_policy
@@ -206,6 +207,7 @@ def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, o
             on_step_end(dict(record))
 
     trainer.add_callback(Timer())
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics dict is not ours
     return trainer
 
 
@@ -233,6 +235,8 @@ def run(args, model_dir: Path, tmp: Path) -> dict[str, list[dict]]:
         if trl_record is not None and r >= args.warmup:
             results["trl"].append(trl_record)
         order = names[r % len(names) :] + names[: r % len(names)] if names else []
+        if r % 10 == 0:
+            print(f"# round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         for name in order:
             rec = arms[name]()
             if r >= args.warmup:
