@@ -16,7 +16,8 @@ alike. Medians over the rounds. Peak memory is each arm's maximum resident set i
 process (``--memory``). TRL is a benchmark-only dependency: without it the TRL arm is skipped.
 
     pip install torch==2.13.0 trl          # or into a venv with --system-site-packages
-    python benchmarks/vs_trl.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/vs_trl.py            # one thread, about 2 minutes on 2 CPU cores
+    python benchmarks/vs_trl.py --threads 0                    # torch's default thread count
     python benchmarks/vs_trl.py --trl-gradient-checkpointing   # TRL's default setting
 """
 
@@ -290,7 +291,11 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["trl", "seqrl", "seqrl-ref", "raw"])
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every arm (0 = torch's default, one per core; on a shared machine "
+        "more threads than free cores slows every arm down many times over)",
     )
     parser.add_argument("--memory", action="store_true", help="peak RSS per arm (fresh processes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
