@@ -105,3 +105,24 @@ def test_generation_restores_the_training_mode(nano):
     FastSampler(model, tok, max_new_tokens=3).generate(prompts, group_size=2)
     assert model.training
     model.eval()
+
+
+def test_a_model_without_a_transformers_cache_uses_generate(nano, monkeypatch):
+    model, tok, prompts = nano
+    sampler = FastSampler(model, tok, max_new_tokens=5)
+    forward = type(model).forward
+
+    def legacy_cache(self, *args, **kwargs):  # a model handing back a plain tuple cache
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("logits_to_keep") == 1 and out.past_key_values is not None:
+            out.past_key_values = tuple(out.past_key_values.layers)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", legacy_cache)
+    torch.manual_seed(0)
+    fast = sampler.generate(prompts, group_size=2)
+    assert sampler.fallback_reason == "the model returned a tuple KV cache"
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    ref = HFSampler(model, tok, max_new_tokens=5).generate(prompts, group_size=2)
+    _assert_same(ref, fast, atol=1e-6)  # generate's float32 log-probs, computed on another call

@@ -20,8 +20,9 @@ where a draw falls within that rounding of a category boundary (tests check toke
 ``generate`` on the built-in models).
 
 Models whose generation config asks for more than temperature / top-p (repetition penalty,
-minimum length, bad words, beams …), and encoder-decoder models, are handed to ``HFSampler``
-unchanged, so the sampler accepts every model the reference sampler accepts.
+minimum length, bad words, beams …), encoder-decoder models, and models whose KV cache is not a
+transformers ``Cache`` are handed to ``HFSampler`` unchanged, so the sampler accepts every model
+the reference sampler accepts (``fallback_reason`` says why).
 """
 
 from __future__ import annotations
@@ -107,13 +108,18 @@ class FastSampler(HFSampler):
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, group_size, greedy, temperature)
+            batch = self._generate(prompts, group_size, greedy, temperature)
         finally:
             self.model.train(was_training)
+        if batch is None:
+            return super().generate(
+                prompts, group_size=group_size, greedy=greedy, temperature=temperature
+            )
+        return batch
 
     def _generate(
         self, prompts: list[str], G: int, greedy: bool, temperature: float
-    ) -> RolloutBatch:
+    ) -> RolloutBatch | None:
         model, T_max = self.model, self.max_new_tokens
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         unique_ids, unique_mask = self.encode(prompts)  # [P, Lp]
@@ -131,6 +137,9 @@ class FastSampler(HFSampler):
             logits_to_keep=1,
         )
         cache = out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # no transformers Cache: use generate
+            self.fallback_reason = f"the model returned a {type(cache).__name__} KV cache"
+            return None
         if G > 1:
             cache.batch_repeat_interleave(G)
         logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # [B, V]
