@@ -250,9 +250,11 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
-    # hf = transformers generate (any device); vllm = colocated vLLM engine, weights pushed
-    # after every optimiser step (CUDA only)
-    engine: Literal["hf", "vllm"] = "hf"
+    # hf = transformers generate (any device); fast = seqrl.rollout.fast.FastSampler (one prefill
+    # per prompt, lean decode loop, same sampling distribution; falls back to generate where it
+    # cannot match it); vllm = colocated vLLM engine, weights pushed after every optimiser step
+    # (CUDA only)
+    engine: Literal["hf", "fast", "vllm"] = "hf"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO dynamic sampling (Eq. 11): keep only groups whose answers are neither all right nor all
     # wrong, generating further batches of prompts until prompts_per_step groups are kept or
@@ -347,6 +349,9 @@ class AlgoConfig(_Section):
     num_minibatches: int = Field(4, ge=1)  # optimiser steps per rollout batch (per epoch)
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
+    # run each group's shared prompt once per micro-batch and the G responses on its KV cache
+    # (same log-probs up to float rounding; seqrl.train.step.shared_prefix_logits)
+    shared_prefix: bool = False
     loss: LossOverrides = Field(default_factory=LossOverrides)
     mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
     # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.

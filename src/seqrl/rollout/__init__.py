@@ -4,6 +4,7 @@
 (a colocated vLLM engine, CUDA only) is imported on demand, never by ``import seqrl``.
 """
 
+from seqrl.rollout.fast import FastSampler
 from seqrl.rollout.hf import HFSampler, RolloutBatch, Sampler, response_mask_from_tokens
 
-__all__ = ["HFSampler", "RolloutBatch", "Sampler", "response_mask_from_tokens"]
+__all__ = ["FastSampler", "HFSampler", "RolloutBatch", "Sampler", "response_mask_from_tokens"]

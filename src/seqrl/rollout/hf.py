@@ -57,6 +57,16 @@ def row_seeds(seeds: list[int], group_size: int) -> list[int]:
     return [(s * 1_000_003 + j) % (2**63 - 1) for s in seeds for j in range(group_size)]
 
 
+def gumbel_noise(generators: list[torch.Generator], vocab: int, device) -> Tensor:
+    """Gumbel(0, 1) noise [B, V], row i drawn from ``generators[i]``.
+
+    argmax(log μ + noise) is an exact sample from μ (the Gumbel-max trick), so each row's sample
+    depends on its own stream only, never on its batch-mates.
+    """
+    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in generators])
+    return -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
 class _RowStreamSampler:
     """A logits processor that samples each row from its own generator (Gumbel-max).
 
@@ -79,14 +89,7 @@ class _RowStreamSampler:
             scores = self.top_p(input_ids, scores)
         logp = torch.log_softmax(scores, dim=-1)  # [B, V] log μ
         self.logprobs.append(logp)
-        u = torch.stack(
-            [
-                torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                for g in self.generators
-            ]
-        )  # [B, V]
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return logp + gumbel
+        return logp + gumbel_noise(self.generators, scores.shape[-1], scores.device)
 
 
 def response_mask_from_tokens(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,7 @@ class UpdateSettings:
     mismatch_correction: str = "none"
     mismatch_level: str = "token"  # token | sequence
     mismatch_cap: float = 2.0  # C
+    shared_prefix: bool = False  # one prompt forward per group (see shared_prefix_logits)
 
 
 def _trim(ids: Tensor, mask: Tensor, *, left: bool) -> tuple[Tensor, Tensor]:
@@ -72,6 +73,56 @@ def joint_inputs(batch: RolloutBatch, rows: Tensor) -> tuple[dict[str, Tensor], 
     return inputs, resp_ids, resp_mask
 
 
+def shared_prefix_logits(
+    model, batch: RolloutBatch, rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Response logits [b, T, V] for ``rows`` with one prompt forward per group, not per row.
+
+    The G rows of a group share their prompt, so the prompt runs once per distinct group in
+    ``rows`` (with ``use_cache``), its KV cache is gathered out to the rows, and the responses run
+    on top of it. Causal attention means the prompt's hidden states never see the response, so
+    this is the joint forward of :func:`joint_inputs` computed in two pieces: the same logits up to
+    float rounding, and gradients flow into the shared prompt pass once per row that used it.
+    Returns (logits, trimmed response ids [b, T], mask [b, T]), or None when nothing is shared
+    (G = 1, one row per group in ``rows``, or rows of a group whose prompts differ).
+    """
+    groups = rows // batch.group_size  # [b]
+    unique, inverse = torch.unique(groups, return_inverse=True)  # [U], [b]
+    if unique.numel() == rows.numel():
+        return None
+    prompt_ids, prompt_mask = _trim(batch.prompt_ids[rows], batch.prompt_mask[rows], left=True)
+    resp_ids, resp_mask = _trim(batch.response_ids[rows], batch.response_mask[rows], left=False)
+    b, T = resp_ids.shape
+    first = torch.full((unique.numel(),), b).scatter_reduce(
+        0, inverse, torch.arange(b), reduce="amin"
+    )  # [U] first row of each group
+    if not torch.equal(prompt_ids[first][inverse], prompt_ids):
+        return None
+    attention = torch.cat([prompt_mask, resp_mask], dim=1).long()  # [b, Lp + T]
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # as joint_inputs
+    Lp = prompt_ids.shape[1]
+    out = model(
+        input_ids=prompt_ids[first],
+        attention_mask=attention[first, :Lp],
+        position_ids=positions[first, :Lp],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1:][inverse]  # [b, 1, V] predicts response token 0
+    if T > 1:
+        cache = out.past_key_values
+        cache.batch_select_indices(inverse)
+        rest = model(
+            input_ids=resp_ids[:, :-1],
+            attention_mask=attention[:, :-1],
+            position_ids=positions[:, Lp:-1],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # [b, T − 1, V] position t predicts response token t + 1
+        logits = torch.cat([logits, rest], dim=1)
+    return logits, resp_ids, resp_mask
+
+
 def response_logprobs(
     model,
     batch: RolloutBatch,
@@ -80,6 +131,7 @@ def response_logprobs(
     temperature: float,
     with_entropy: bool = False,
     routing=None,
+    shared_prefix: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) at the sampled tokens for ``rows`` of the batch: [b, T] (+ entropy [b, T]).
 
@@ -87,13 +139,21 @@ def response_logprobs(
     sampler's log-probs up to float rounding. Columns that are padding in all ``rows`` are
     trimmed first; the result is padded back to the batch's T with zeros. ``routing`` (an MoE
     policy's :class:`seqrl.train.routing.RolloutRouting`) records or replays the forward's routing.
+    ``shared_prefix`` runs each group's prompt once (:func:`shared_prefix_logits`).
     """
-    inputs, resp_ids, resp_mask = joint_inputs(batch, rows)
-    T = resp_ids.shape[1]
-    width = inputs["input_ids"].shape[1]
-    with nullcontext() if routing is None else routing.forward(batch, rows, width, resp_mask):
-        out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :-1]  # [b, T, V]  position t predicts response token t (fp32+ inside)
+    if shared_prefix and routing is not None:
+        raise ValueError("shared_prefix does not record or replay MoE routing; turn it off")
+    shared = shared_prefix_logits(model, batch, rows) if shared_prefix else None
+    if shared is not None:
+        logits, resp_ids, resp_mask = shared  # [b, T, V]
+        T = resp_ids.shape[1]
+    else:
+        inputs, resp_ids, resp_mask = joint_inputs(batch, rows)
+        T = resp_ids.shape[1]
+        width = inputs["input_ids"].shape[1]
+        with nullcontext() if routing is None else routing.forward(batch, rows, width, resp_mask):
+            out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
+        logits = out.logits[:, :-1]  # [b, T, V]  position t predicts response token t
     logprobs = C.token_logprobs(logits, resp_ids, temperature=temperature)  # [b, T]
     logprobs = torch.where(resp_mask, logprobs, torch.zeros_like(logprobs))
     entropy = None
@@ -109,7 +169,13 @@ def response_logprobs(
 
 @torch.no_grad()
 def batch_logprobs(
-    model, batch: RolloutBatch, *, temperature: float, micro_batch_size: int, routing=None
+    model,
+    batch: RolloutBatch,
+    *,
+    temperature: float,
+    micro_batch_size: int,
+    routing=None,
+    shared_prefix: bool = False,
 ) -> Tensor:
     """Log-probs of every row under ``model`` (no gradient), in micro-batches: [B, T].
 
@@ -125,6 +191,7 @@ def batch_logprobs(
             torch.arange(s, min(s + micro_batch_size, B)),
             temperature=temperature,
             routing=routing,
+            shared_prefix=shared_prefix,
         )[0]
         for s in range(0, B, micro_batch_size)
     ]
@@ -249,6 +316,7 @@ def update_policy(
                     temperature=settings.temperature,
                     with_entropy=True,
                     routing=routing,
+                    shared_prefix=settings.shared_prefix,
                 )
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
                 sampler_lp = batch.sampler_logprobs[micro]

@@ -30,6 +30,7 @@ from seqrl.models.load import checkpointing_active, enable_gradient_checkpointin
 from seqrl.models.lora import AdaptersOff, apply_lora, merged
 from seqrl.models.moe import is_moe
 from seqrl.rollout import HFSampler
+from seqrl.rollout.fast import FastSampler
 from seqrl.tasks.rewards import RewardFunctionError, resolve_terms
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
@@ -200,11 +201,17 @@ class Trainer:
             grad_clip=o.grad_clip,
             temperature=cfg.rollout.temperature,
             **_mismatch_settings(cfg),
+            shared_prefix=a.shared_prefix,
         )
         # MoE policy: each rollout's routing at θ_old is recorded (moe/* metrics), maybe replayed
         self.routing = None
         if cfg.moe.routing_replay or is_moe(self.model):
             self.routing = RolloutRouting(self.model, replay=cfg.moe.routing_replay)
+            if cfg.algo.shared_prefix:
+                raise ValueError(
+                    "algo.shared_prefix cannot record or replay an MoE policy's routing; "
+                    "set algo.shared_prefix=false"
+                )
         r = cfg.rollout
         if r.dynamic_sampling and self.dist.world_size > 1:
             raise ValueError(
@@ -233,8 +240,9 @@ class Trainer:
         """HFSampler (any device), or the colocated vLLM engine (``rollout.engine: vllm``)."""
         r = self.cfg.rollout
         common = dict(max_new_tokens=self.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
-        if r.engine == "hf":
-            return HFSampler(self.model, self.tokenizer, **common)
+        if r.engine in ("hf", "fast"):
+            sampler_cls = FastSampler if r.engine == "fast" else HFSampler
+            return sampler_cls(self.model, self.tokenizer, **common)
         from seqrl.rollout.vllm import VLLMSampler
 
         if self.device.type != "cuda":
@@ -401,12 +409,21 @@ class Trainer:
         else:
             routing = self.routing
             old_logprobs = batch_logprobs(
-                self.model, batch, temperature=temperature, micro_batch_size=micro, routing=routing
+                self.model,
+                batch,
+                temperature=temperature,
+                micro_batch_size=micro,
+                routing=routing,
+                shared_prefix=cfg.algo.shared_prefix,
             )
         ref_logprobs = None
         if self.ref_model is not None:
             ref_logprobs = batch_logprobs(
-                self.ref_model, batch, temperature=temperature, micro_batch_size=micro
+                self.ref_model,
+                batch,
+                temperature=temperature,
+                micro_batch_size=micro,
+                shared_prefix=cfg.algo.shared_prefix,
             )
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lr = self.optimizer.param_groups[0]["lr"]
