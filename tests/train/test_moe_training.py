@@ -196,8 +196,10 @@ def test_replay_of_a_single_on_policy_minibatch_is_the_plain_update(setup):
     replayed = copy.deepcopy(setup[0])
     _update(plain, batch, None, lr=3.0, num_minibatches=1, micro=12)
     _update(replayed, batch, RolloutRouting(replayed, replay=True), lr=3.0, num_minibatches=1)
+    # the two runs use different micro-batch sizes, so float sums differ in order (up to ~2e-7
+    # with two threads); a replayed expert that differed would move weights by ~1e-1
     for p, q in zip(plain.parameters(), replayed.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_replay_config_errors(tmp_path):
