@@ -246,7 +246,7 @@ def eval_(
     task: Annotated[
         str | None, typer.Option(help="a built-in task instead of --data (its held-out split)")
     ] = None,
-    k: Annotated[int, typer.Option(help="samples per item (avg@k, pass@k, cons@k)")] = 16,
+    k: Annotated[int, typer.Option(min=1, help="samples per item (avg@k, pass@k, cons@k)")] = 16,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N items only")] = None,
     column: Annotated[
         list[str] | None, typer.Option(help="column mapping FIELD=NAME, e.g. prompt=question")

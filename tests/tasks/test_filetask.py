@@ -107,3 +107,9 @@ def test_seqrl_eval_cli_errors(tmp_path):
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{oops\n')
     err = run("builtin:nano", "--data", str(bad))
     assert err.returncode == 2 and "bad.jsonl, row 2: not valid JSON" in err.stderr
+    zero = run("builtin:nano", "--task", "addition", "--k", "0")
+    assert (
+        zero.returncode == 2
+        and "--k" in zero.stderr
+        and "greater than or equal to 1" in zero.stderr
+    )
