@@ -81,6 +81,22 @@ def test_inv15_sppo_advantage_is_r_minus_sigmoid_of_the_critic_before_its_update
     assert {"critic/loss", "critic/grad_norm", "critic/pred_mean", "critic/lr"} <= set(metrics)
 
 
+def test_scalar_critic_loss_is_the_mean_over_every_row_even_when_responses_are_masked():
+    """Overlong filtering masks a response out of the policy loss; its reward still teaches
+    V(prompt), so the scalar critic's BCE is the mean over all rows of the minibatch."""
+    import dataclasses
+
+    critic, _, tok = make_critic("scalar", minibatches=1, micro=3)
+    batch = make_batch(tok, PROMPTS, RESPONSES)
+    masked = batch.response_mask.clone()
+    masked[2:] = False  # two rows filtered out of the policy loss
+    batch = dataclasses.replace(batch, response_mask=masked)
+    z = batch_values(critic.model, batch, "scalar", 4)  # [B]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(z, REWARDS).item()
+    metrics = critic.update(batch, REWARDS, None, torch.Generator().manual_seed(0))
+    assert metrics["critic/loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_inv17_bce_critic_optimum_is_the_empirical_success_rate():
     """20 samples each of 4 prompts with success rates 0.1, 0.35, 0.6, 0.9: sigmoid(z) → rate."""
     critic, _, tok = make_critic("scalar", "builtin:nano", lr=3e-3, minibatches=1, micro=80)

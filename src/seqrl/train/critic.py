@@ -188,6 +188,9 @@ class Critic:
             order = torch.randperm(B * dist.world_size, generator=generator)
             for minibatch in minibatch_rows(order, s.num_minibatches, B, dist):
                 total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
+                if self.kind == "scalar":  # every row's reward teaches V(prompt), masked or not
+                    rows = torch.tensor(minibatch.numel(), dtype=torch.int64)
+                    total_sequences = all_reduce_sum(rows, dist).clamp(min=1)
                 finite, minibatch_loss = True, torch.zeros((), dtype=torch.float64)
                 for micro in minibatch.split(s.micro_batch_size) if minibatch.numel() else ():
                     if self.kind == "scalar":
