@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqrl.train.metrics import extreme_kind
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -179,18 +181,28 @@ def gather_list(items: list, info: DistInfo) -> list:
 
 
 def reduce_sums(sums: dict[str, tuple[float, int]], info: DistInfo) -> dict[str, float]:
-    """{key: (sum, count)} per rank → {key: Σ sum / Σ count} over ranks (keys may differ by rank)."""
+    """{key: (sum, count)} per rank → {key: Σ sum / Σ count} over ranks (keys may differ by rank).
+
+    Extremes (``*_max`` / ``*_min``) carry the value itself and reduce by max / min.
+    """
     if info.active:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, sums)
         total: dict[str, list] = {}
         for part in parts:
             for key, (s, c) in part.items():
-                acc = total.setdefault(key, [0.0, 0])
-                acc[0] += s
-                acc[1] += c
+                if key not in total:
+                    total[key] = [s, c]
+                elif (kind := extreme_kind(key)) is not None:
+                    total[key] = [
+                        max(total[key][0], s) if kind == "max" else min(total[key][0], s),
+                        1,
+                    ]
+                else:
+                    total[key][0] += s
+                    total[key][1] += c
         sums = {k: (v[0], v[1]) for k, v in total.items()}
-    return {k: s / c for k, (s, c) in sorted(sums.items()) if c}
+    return {k: s if extreme_kind(k) else s / c for k, (s, c) in sorted(sums.items()) if c}
 
 
 def reduce_metrics(metrics: dict[str, float], info: DistInfo) -> dict[str, float]:

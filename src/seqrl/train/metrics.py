@@ -10,8 +10,21 @@ from pathlib import Path
 import torch
 
 
+def extreme_kind(key: str) -> str | None:
+    """ "max" / "min" for metrics that are extremes (``*_max`` / ``*_min``), else None (a mean)."""
+    if key.endswith("_max"):
+        return "max"
+    if key.endswith("_min"):
+        return "min"
+    return None
+
+
 class MetricAccumulator:
-    """Collect per-micro-batch metric tensors during a step; one ``.item()`` pass at the end."""
+    """Collect per-micro-batch metric tensors during a step; one ``.item()`` pass at the end.
+
+    Metrics are averaged over micro-batches, except extremes (``*_max`` / ``*_min``, e.g.
+    ``policy/ratio_max``), which keep the largest / smallest value seen.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
@@ -19,16 +32,27 @@ class MetricAccumulator:
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
-            value = value.detach().double()
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            value = torch.as_tensor(value).detach().double()
+            if key not in self._sums:
+                self._sums[key] = value
+            elif (kind := extreme_kind(key)) is not None:
+                pick = torch.maximum if kind == "max" else torch.minimum
+                self._sums[key] = pick(self._sums[key], value)
+            else:
+                self._sums[key] = self._sums[key] + value
             self._counts[key] += 1
 
     def sums(self) -> dict[str, tuple[float, int]]:
-        """{key: (sum, count)}, for averaging over ranks (:func:`seqrl.train.dist.reduce_sums`)."""
+        """{key: (sum, count)}, for averaging over ranks (:func:`seqrl.train.dist.reduce_sums`).
+
+        For extremes the first element is the extreme itself.
+        """
         return {k: (v.item(), self._counts[k]) for k, v in self._sums.items()}
 
     def means(self) -> dict[str, float]:
-        return {k: (v / self._counts[k]).item() for k, v in self._sums.items()}
+        return {
+            k: (v if extreme_kind(k) else v / self._counts[k]).item() for k, v in self._sums.items()
+        }
 
 
 def quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
