@@ -33,6 +33,7 @@ from torch import Tensor
 from seqrl.rollout.hf import (
     HFSampler,
     RolloutBatch,
+    eval_mode,
     gumbel_noise,
     response_mask_from_tokens,
     row_seeds,
@@ -123,12 +124,8 @@ class FastSampler(HFSampler):
             generators = [
                 torch.Generator(device=device).manual_seed(s) for s in row_seeds(seeds, group_size)
             ]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             batch = self._generate(prompts, group_size, greedy, temperature, generators)
-        finally:
-            self.model.train(was_training)
         if batch is None:
             return super().generate(prompts, **kwargs)
         return batch

@@ -15,6 +15,7 @@ which samples exactly from μ (the temperature- and top-p-processed distribution
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,6 +93,23 @@ class _RowStreamSampler:
         return logp + gumbel_noise(self.generators, scores.shape[-1], scores.device)
 
 
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) within the block, its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids [B, Lp] and attention mask [B, Lp] (bool) on ``device``."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+
 def response_mask_from_tokens(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """(mask [B, T], truncated [B]): True up to and including the first EOS of each row."""
     is_eos = response_ids == eos_token_id  # [B, T]
@@ -115,9 +133,7 @@ class HFSampler:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = self.model.device
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        return encode_prompts(self.tokenizer, prompts, self.model.device)
 
     @torch.inference_mode()
     def generate(
@@ -143,24 +159,14 @@ class HFSampler:
             return self._generate_seeded(
                 prompt_ids, prompt_mask, row_seeds(seeds, group_size), temperature, group_size
             )
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask.long(),
-            max_new_tokens=self.max_new_tokens,
+        out, response_ids, mask, truncated = self._run_generate(
+            prompt_ids,
+            prompt_mask,
             do_sample=not greedy,
             temperature=None if greedy else temperature,
             top_p=None if greedy else self.top_p,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True,
             output_scores=True,
         )
-        self.model.train(was_training)
-        response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
-        mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
         scores = torch.stack(out.scores, dim=1)  # [B, T, V] processed logits
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
@@ -172,30 +178,40 @@ class HFSampler:
             prompt_ids, prompt_mask, response_ids, mask, logprobs, truncated, group_size
         )
 
+    def _run_generate(self, prompt_ids: Tensor, prompt_mask: Tensor, **sampling):
+        """``model.generate`` in eval mode: (output, response ids [B, T], mask [B, T], truncated [B]).
+
+        ``sampling``: do_sample / temperature / top_p / output_scores / logits_processor.
+        """
+        with eval_mode(self.model):
+            out = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask.long(),
+                max_new_tokens=self.max_new_tokens,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                return_dict_in_generate=True,
+                **sampling,
+            )
+        response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
+        mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
+        return out, response_ids, mask, truncated
+
     def _generate_seeded(
         self, prompt_ids, prompt_mask, seeds: list[int], temperature: float, group_size: int
     ) -> RolloutBatch:
         from transformers import LogitsProcessorList
 
         row_sampler = _RowStreamSampler(seeds, temperature, self.top_p, prompt_ids.device)
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask.long(),
-            max_new_tokens=self.max_new_tokens,
+        _, response_ids, mask, truncated = self._run_generate(
+            prompt_ids,
+            prompt_mask,
             do_sample=False,  # the argmax of log μ + Gumbel noise is the sample
             temperature=None,
             top_p=None,
-            top_k=None,
             logits_processor=LogitsProcessorList([row_sampler]),
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True,
         )
-        self.model.train(was_training)
-        response_ids = out.sequences[:, prompt_ids.shape[1] :]  # [B, T]
-        mask, truncated = response_mask_from_tokens(response_ids, self.tokenizer.eos_token_id)
         T = response_ids.shape[1]
         logp = torch.stack(row_sampler.logprobs[:T], dim=1)  # [B, T, V]
         logprobs = logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from seqrl.rollout.hf import RolloutBatch, response_mask_from_tokens
+from seqrl.rollout.hf import RolloutBatch, encode_prompts, response_mask_from_tokens, row_seeds
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs vLLM on a CUDA machine: pip install 'seqrl[vllm]' "
@@ -161,9 +161,7 @@ class VLLMSampler:
 
     # ------------------------------------------------------------------ sampling
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = self.model.device
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        return encode_prompts(self.tokenizer, prompts, self.model.device)
 
     def generate(
         self,
@@ -175,8 +173,6 @@ class VLLMSampler:
         seeds: list[int] | None = None,
     ) -> RolloutBatch:
         """``group_size`` responses per prompt (rows i·G … i·G + G − 1), or one greedy each."""
-        from seqrl.rollout.hf import row_seeds
-
         temperature = self.temperature if temperature is None else temperature
         repeated = [p for p in prompts for _ in range(group_size)]
         prompt_ids, prompt_mask = self.encode(repeated)  # [B, Lp] left-padded

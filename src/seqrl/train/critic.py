@@ -22,6 +22,7 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
+from seqrl.rollout.hf import eval_mode
 from seqrl.train.dist import (
     SINGLE,
     DistInfo,
@@ -143,15 +144,11 @@ class Critic:
 
     def values(self, batch: RolloutBatch) -> Tensor:
         """Logits [B] (scalar) or values [B, T] (token) at the current critic, no gradient."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             out = batch_values(self.model, batch, self.kind, self.settings.micro_batch_size)
-            if self.sigmoid_values:
-                out = torch.where(batch.response_mask, torch.sigmoid(out), torch.zeros_like(out))
-            return out
-        finally:
-            self.model.train(was_training)
+        if self.sigmoid_values:
+            out = torch.where(batch.response_mask, torch.sigmoid(out), torch.zeros_like(out))
+        return out
 
     def advantages(
         self, batch: RolloutBatch, rewards: Tensor, values: Tensor

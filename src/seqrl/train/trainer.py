@@ -237,7 +237,7 @@ class Trainer:
         self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
 
     def _build_sampler(self):
-        """HFSampler (any device), or the colocated vLLM engine (``rollout.engine: vllm``)."""
+        """The ``rollout.engine``: HFSampler or FastSampler (any device), or colocated vLLM."""
         r = self.cfg.rollout
         common = dict(max_new_tokens=self.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
         if r.engine in ("hf", "fast"):
