@@ -29,7 +29,7 @@ from torch import Tensor
 from seqrl.core.advantages import broadcast_to_tokens
 from seqrl.core.fipo import dual_clip_drop_mask, influence_weights
 from seqrl.core.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
-from seqrl.core.masks import check_mask, masked_mean
+from seqrl.core.masks import check_mask, masked_extreme, masked_mean
 from seqrl.core.ratios import (
     clip_masks,
     clipped_surrogate,
@@ -335,8 +335,8 @@ def _fipo_weights(log_ratio, adv, mask, cfg: PolicyLossConfig) -> tuple[Tensor, 
     dtype = weights.dtype
     stats = {
         "fipo/weight_mean": masked_mean(weights, mask),
-        "fipo/weight_min": _masked_extreme(weights, mask, torch.amin),
-        "fipo/weight_max": _masked_extreme(weights, mask, torch.amax),
+        "fipo/weight_min": masked_extreme(weights, mask, torch.amin),
+        "fipo/weight_max": masked_extreme(weights, mask, torch.amax),
         "fipo/weight_above_1_frac": masked_mean((weights > 1).to(dtype), mask),
         "fipo/future_kl_mean": masked_mean(fkl, mask),
     }
@@ -352,13 +352,6 @@ def _fipo_weights(log_ratio, adv, mask, cfg: PolicyLossConfig) -> tuple[Tensor, 
         risky = mask & (adv < 0) & (delta > math.log(cfg.safety_threshold))
         stats["fipo/safety_frac"] = masked_mean(risky.to(dtype), mask)
     return weights, stats
-
-
-def _masked_extreme(x: Tensor, mask: Tensor, reduce) -> Tensor:
-    """min/max of valid entries; 1.0 (the neutral ratio) when there are none."""
-    fill = torch.tensor(float("inf") if reduce is torch.amin else float("-inf"), dtype=x.dtype)
-    value = reduce(torch.where(mask, x, fill))
-    return torch.where(mask.any(), value, torch.ones_like(value))
 
 
 def _ratio_metrics(
@@ -381,8 +374,8 @@ def _ratio_metrics(
             "policy/clip_frac_high": frac["high"],
             "policy/dual_clip_frac": frac["dual"],
             "policy/ratio_mean": masked_mean(ratio, mask),
-            "policy/ratio_min": _masked_extreme(ratio, mask, torch.amin),
-            "policy/ratio_max": _masked_extreme(ratio, mask, torch.amax),
+            "policy/ratio_min": masked_extreme(ratio, mask, torch.amin),
+            "policy/ratio_max": masked_extreme(ratio, mask, torch.amax),
             "policy/kl_old": masked_mean(old_logprobs - logprobs, mask),
         }
         if cfg.ratio_level != "token":

@@ -59,3 +59,11 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 def sequence_lengths(mask: Tensor) -> Tensor:
     """Valid tokens per row: mask [B, T] → [B] (int64)."""
     return mask.sum(dim=-1)
+
+
+def masked_extreme(x: Tensor, mask: Tensor, reduce) -> Tensor:
+    """``reduce`` (torch.amin or torch.amax) of the valid entries of x: 0-d; 1.0 (the neutral
+    ratio) when there are none."""
+    fill = torch.tensor(float("inf") if reduce is torch.amin else float("-inf"), dtype=x.dtype)
+    value = reduce(torch.where(mask, x, fill.to(x.device)))
+    return torch.where(mask.any(), value, torch.ones_like(value))

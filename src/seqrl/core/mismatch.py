@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from seqrl.core.masks import check_mask, masked_mean, masked_sum
+from seqrl.core.masks import check_mask, masked_extreme, masked_mean, masked_sum
 
 MismatchLevel = Literal["token", "sequence"]
 MismatchMode = Literal["truncate", "mask"]
@@ -92,18 +92,10 @@ def mismatch_metrics(
         rho = torch.exp(log_rho.clamp(-20.0, 20.0))
         rows = mask.any(dim=-1)  # [B]
         seq = masked_sum(log_rho, mask, dim=-1)  # [B]
-        fill_hi = torch.full_like(rho, -math.inf)
-        fill_lo = torch.full_like(rho, math.inf)
-        any_valid = mask.any()
-        one = torch.ones((), dtype=rho.dtype, device=rho.device)
         out = {
             "mismatch/ratio_mean": masked_mean(rho, mask),
-            "mismatch/ratio_min": torch.where(
-                any_valid, torch.where(mask, rho, fill_lo).min(), one
-            ),
-            "mismatch/ratio_max": torch.where(
-                any_valid, torch.where(mask, rho, fill_hi).max(), one
-            ),
+            "mismatch/ratio_min": masked_extreme(rho, mask, torch.amin),
+            "mismatch/ratio_max": masked_extreme(rho, mask, torch.amax),
             "mismatch/kl": masked_mean(-log_rho, mask),
             "mismatch/seq_log_ratio_abs": masked_mean(seq.abs(), rows),
         }
