@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import seqrl.core as C
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from reference import mismatch_weights_ref
 
 DT = torch.float64

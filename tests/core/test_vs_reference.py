@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import reference as R
 import seqrl.core as C

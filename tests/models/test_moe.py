@@ -1,8 +1,5 @@
 """Routing capture and Routing Replay hooks on real transformers MoE models; routing statistics."""
 
-import pathlib
-import sys
-
 import pytest
 import torch
 from transformers import (
@@ -15,13 +12,11 @@ from transformers import (
 )
 
 import seqrl.core as C
+from reference import ref_routing_churn
 from seqrl.models import build_tiny_model, build_tokenizer, load_policy
 from seqrl.models.moe import ROUTER_CLASSES, RouterHooks, find_routers, is_moe
 from seqrl.models.tiny import build_tiny_moe_model
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from reference import ref_routing_churn
+from support import ExpertsObserver
 
 _SMALL = dict(
     vocab_size=40,
@@ -70,22 +65,6 @@ def _inputs(vocab: int, b: int = 3, L: int = 9):
     attention = torch.ones(b, L, dtype=torch.long)
     attention[0, :3] = 0  # a left-padded row
     return {"input_ids": ids, "attention_mask": attention}
-
-
-class ExpertsObserver:
-    """The top-k indices each experts module actually received (independent of RouterHooks)."""
-
-    def __init__(self, model):
-        blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-        self.seen = []
-        self.handles = [
-            b.experts.register_forward_hook(lambda mod, args, out: self.seen.append(args[1]))
-            for b in blocks
-        ]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _perturb_routers(model, scale=2.0, seed=3):

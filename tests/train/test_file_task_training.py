@@ -1,8 +1,6 @@
 """`seqrl train` on problems from data files: the same loop, verifiers chosen by name."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from seqrl.config import ConfigError, load_config
 from seqrl.tasks import get_task
 from seqrl.train.trainer import Trainer
+from support import train_cli
 
 TOY = Path(__file__).resolve().parents[2] / "examples" / "data" / "gsm8k_toy.jsonl"
 
@@ -56,18 +55,8 @@ def test_rl_on_a_data_file_fixes_the_demo_slip(tmp_path):
     assert after >= before + 0.10, (before, after)
 
 
-def _train_cli(overrides: list[str]) -> subprocess.CompletedProcess:
-    sets = [arg for o in overrides for arg in ("--set", o)]
-    return subprocess.run(
-        [sys.executable, "-m", "seqrl", "train", "--no-progress", *sets],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_gsm8k_style_file_from_the_cli(tmp_path):
-    done = _train_cli(
+    done = train_cli(
         [
             f"output_dir={tmp_path}",
             "name=gsm",
@@ -156,5 +145,5 @@ def test_chat_template_wraps_the_prompts_the_policy_sees(tmp_path):
     assert trainer.task.reference(first) == "13"  # verification still uses the reference
     assert trainer.train_step(1)["reward/mean"] >= 0.0
     # a model without a template: a clear error from the CLI, before any work
-    done = _train_cli([*common, "model.policy=builtin:nano", "task.chat_template=true"])
+    done = train_cli([*common, "model.policy=builtin:nano", "task.chat_template=true"])
     assert done.returncode == 2 and "has no chat template" in done.stderr

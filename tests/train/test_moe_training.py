@@ -2,8 +2,6 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from seqrl.train.step import (
     update_policy,
 )
 from seqrl.train.trainer import Trainer
+from support import ExpertsObserver, train_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +33,6 @@ def setup():
     prompts = [e.prompt for e in task.examples("train", 3)] + ["1+2="]  # ragged prompt lengths
     batch = HFSampler(model, tok, max_new_tokens=6, temperature=1.0).generate(prompts, group_size=3)
     return model, batch
-
-
-class ExpertsObserver:
-    """The top-k indices each experts module actually received (independent of the hooks)."""
-
-    def __init__(self, model):
-        blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-        self.seen = []
-        self.handles = [
-            b.experts.register_forward_hook(lambda mod, args, out: self.seen.append(args[1]))
-            for b in blocks
-        ]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _perturb_routers(model, scale=1.0):
@@ -216,18 +199,8 @@ def test_replay_config_errors(tmp_path):
     assert any("nothing to replay" in w for w in validate_warnings(on_policy))
 
 
-def _train_cli(overrides):
-    sets = [arg for o in overrides for arg in ("--set", o)]
-    return subprocess.run(
-        [sys.executable, "-m", "seqrl", "train", "--no-progress", *sets],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_cli_trains_an_moe_policy_with_routing_replay_and_plots_churn(tmp_path):
-    done = _train_cli(
+    done = train_cli(
         [
             "preset=grpo_moe_replay",
             "model.policy=builtin:tiny-moe",
