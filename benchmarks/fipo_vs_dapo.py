@@ -20,7 +20,6 @@ little of the length growth FIPO reports.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,8 +34,10 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
+from _common import mean_sd
 from seqrl.config import load_config
 from seqrl.tasks import get_task
+from seqrl.train.metrics import metric_series, read_metrics
 from seqrl.train.trainer import Trainer
 
 ARMS = {"DAPO": ["algo.name=dapo", "algo.fipo_preset=null"], "FIPO": []}
@@ -109,23 +110,6 @@ def overrides(args, policy: str, budget: int, seed: int, name: str) -> list[str]
     ]
 
 
-def read(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-
-
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    return [s for s, _ in pts], [v for _, v in pts]
-
-
-def mean_sd(values: list[float]) -> str:
-    values = [v for v in values if v == v]  # drop NaN
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
 def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     train = [r for r in rows if "reward/mean" in r]
     last = train[-max(1, steps // 3) :]  # the last third of the steps
@@ -162,7 +146,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     colors = {"DAPO": "tab:blue", "FIPO": "tab:red"}
     for ax, (key, panel_title) in zip(axes.flat, panels, strict=True):
         for arm, runs in results.items():
-            curves = [series(rows, key) for rows in runs]
+            curves = [metric_series(rows, key) for rows in runs]
             for steps, values in curves:
                 ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=1)
             steps = curves[0][0]
@@ -201,7 +185,7 @@ def main() -> None:
             cfg = load_config(None, [*overrides(args, policy, budget, seed, name), *extra])
             t0 = time.perf_counter()
             Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
-            results[arm].append(read(args.out / name))
+            results[arm].append(read_metrics(args.out / name))
             console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
 
     columns = [

@@ -23,7 +23,6 @@ it is the router's *own* choice that is compared, the experts used are the recor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,7 +37,9 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
+from _common import mean_sd
 from seqrl.config import load_config
+from seqrl.train.metrics import metric_series, read_metrics
 from seqrl.train.trainer import Trainer
 
 ARMS = {
@@ -89,23 +90,6 @@ def overrides(args, seed: int, name: str) -> list[str]:
     ]
 
 
-def read(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-
-
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    return [s for s, _ in pts], [v for _, v in pts]
-
-
-def mean_sd(values: list[float], fmt: str = ".3f") -> str:
-    values = [v for v in values if v == v]  # drop NaN
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
-
-
 def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     train = [r for r in rows if "reward/mean" in r]
     last = train[-max(1, steps // 3) :]
@@ -147,7 +131,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for ax, (key, panel_title) in zip(axes.flat, panels, strict=False):
         for arm, runs in results.items():
-            curves = [series(rows, key) for rows in runs]
+            curves = [metric_series(rows, key) for rows in runs]
             for steps, values in curves:
                 ax.plot(steps, values, color=COLORS[arm], alpha=0.25, linewidth=1)
             steps = curves[0][0]
@@ -164,7 +148,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     for j, (arm, runs) in enumerate(results.items()):
         per_layer = [
             statistics.mean(
-                v for rows in runs for v in series(rows, f"moe/routing_churn/layer_{i}")[1]
+                v for rows in runs for v in metric_series(rows, f"moe/routing_churn/layer_{i}")[1]
             )
             for i in range(n)
         ]
@@ -194,7 +178,7 @@ def main() -> None:
             cfg = load_config(None, [*overrides(args, seed, name), *extra])
             t0 = time.perf_counter()
             Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
-            results[arm].append(read(args.out / name))
+            results[arm].append(read_metrics(args.out / name))
             console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
 
     columns = [

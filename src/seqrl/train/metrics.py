@@ -135,6 +135,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
+def metric_series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over the records that have it as a number."""
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from seqrl.train.metrics import read_metrics
+from seqrl.train.metrics import metric_series, read_metrics
 
 PANELS = {
     "reward": ("reward", ["reward/mean"]),
@@ -98,11 +98,6 @@ def _natural(name: str) -> tuple:
     return (head, int(tail)) if tail.isdigit() else (name, -1)
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write one PNG per panel that has data, plus overview.png; returns the paths written."""
     run_dir = Path(run_dir)
@@ -112,7 +107,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     drawn = {
-        name: (title, [k for k in _expand(records, keys) if _series(records, k)[0]])
+        name: (title, [k for k in _expand(records, keys) if metric_series(records, k)[0]])
         for name, (title, keys) in PANELS.items()
     }
     drawn = {name: v for name, v in drawn.items() if v[1]}
@@ -172,7 +167,7 @@ def plot_calibration(run_dir: str | Path) -> Path | None:
 
 def _draw(ax, records: list[dict], title: str, keys: list[str]) -> None:
     for key in keys:
-        steps, values = _series(records, key)
+        steps, values = metric_series(records, key)
         marker = "o" if key.startswith("eval/") else None
         ax.plot(steps, values, label=key, marker=marker, markersize=3)
     ax.set_title(title)
