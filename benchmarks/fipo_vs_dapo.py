@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -34,11 +33,9 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
-from _common import mean_sd
-from seqrl.config import load_config
+from _common import markdown_table, run_arms
 from seqrl.tasks import get_task
-from seqrl.train.metrics import metric_series, read_metrics
-from seqrl.train.trainer import Trainer
+from seqrl.train.metrics import metric_series
 
 ARMS = {"DAPO": ["algo.name=dapo", "algo.fipo_preset=null"], "FIPO": []}
 
@@ -177,16 +174,13 @@ def main() -> None:
     policy, sft = warm_start(args)
     console.print(f"warm start: {policy} ({sft['source']})")
 
-    results: dict[str, list[list[dict]]] = {arm: [] for arm in ARMS}
-    for seed in args.seeds:
-        for arm, extra in ARMS.items():
-            name = f"{arm.lower()}-seed{seed}"
-            shutil.rmtree(args.out / name, ignore_errors=True)
-            cfg = load_config(None, [*overrides(args, policy, budget, seed, name), *extra])
-            t0 = time.perf_counter()
-            Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
-            results[arm].append(read_metrics(args.out / name))
-            console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
+    results = run_arms(
+        ARMS,
+        args.seeds,
+        args.out,
+        lambda seed, name: overrides(args, policy, budget, seed, name),
+        lambda arm, seed: f"{arm.lower()}-seed{seed}",
+    )
 
     columns = [
         ("greedy_acc_start", "held-out greedy acc, step 0"),
@@ -205,10 +199,7 @@ def main() -> None:
     summaries = {
         arm: [summarise(rows, args.steps) for rows in runs] for arm, runs in results.items()
     }
-    lines = ["| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
-    for key, label in columns:
-        cells = [mean_sd([s[key] for s in summaries[arm]]) for arm in ARMS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines = markdown_table(summaries, columns)
     png = args.out / f"fipo_vs_dapo_{args.task}.png"
     title = f"{args.task} ({args.digits} digits"
     title += f", {args.operands} operands)" if args.task == "scratchpad" else ")"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -35,12 +34,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from rich.console import Console
 
-from _common import mean_sd
-from seqrl.config import load_config
-from seqrl.train.metrics import metric_series, read_metrics
-from seqrl.train.trainer import Trainer
+from _common import markdown_table, run_arms
+from seqrl.train.metrics import metric_series
 
 ARMS = {
     "GRPO": ["algo.name=grpo", "moe.routing_replay=false"],
@@ -168,18 +164,14 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    console = Console()
     start = time.perf_counter()
-    results: dict[str, list[list[dict]]] = {arm: [] for arm in ARMS}
-    for seed in args.seeds:
-        for arm, extra in ARMS.items():
-            name = f"{arm.lower().replace(' + ', '-')}-seed{seed}"
-            shutil.rmtree(args.out / name, ignore_errors=True)
-            cfg = load_config(None, [*overrides(args, seed, name), *extra])
-            t0 = time.perf_counter()
-            Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
-            results[arm].append(read_metrics(args.out / name))
-            console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
+    results = run_arms(
+        ARMS,
+        args.seeds,
+        args.out,
+        lambda seed, name: overrides(args, seed, name),
+        lambda arm, seed: f"{arm.lower().replace(' + ', '-')}-seed{seed}",
+    )
 
     columns = [
         ("greedy_acc_start", "held-out greedy acc, step 0"),
@@ -199,11 +191,7 @@ def main() -> None:
     summaries = {
         arm: [summarise(rows, args.steps) for rows in runs] for arm, runs in results.items()
     }
-    lines = ["| metric | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
-    for key, label in columns:
-        fmt = ".2g" if key in ("kl_old",) else ".3f"
-        cells = [mean_sd([s[key] for s in summaries[arm]], fmt) for arm in ARMS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines = markdown_table(summaries, columns, lambda key: ".2g" if key == "kl_old" else ".3f")
     png = args.png or args.out / "moe_stability.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     title = (
