@@ -19,7 +19,8 @@ import time
 import torch
 
 from seqrl.config import load_config
-from seqrl.train.step import batch_logprobs, compute_advantages, score_rollout, update_policy
+from seqrl.train.sampling import score_rollout
+from seqrl.train.step import batch_logprobs, compute_advantages, update_policy
 from seqrl.train.trainer import Trainer
 
 
@@ -56,7 +57,7 @@ def seqrl_step(trainer: Trainer, step: int) -> dict[str, float]:
     cfg, G = trainer.cfg, trainer.cfg.rollout.group_size
     times = {}
     t = time.perf_counter()
-    examples = trainer.step_prompts(step)
+    examples = trainer.prompts.step_examples(step)
     batch = trainer.sampler.generate([e.prompt for e in examples], group_size=G)
     times["rollout"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -112,11 +113,11 @@ def main() -> None:
         "algo.micro_batch_size=64",
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)
-    prompts = [e.prompt for e in trainer.step_prompts(1)]
+    prompts = [e.prompt for e in trainer.prompts.step_examples(1)]
     raw_step(trainer, prompts), seqrl_step(trainer, 1)  # warm-up
     raw, ours = [], []
     for step in range(2, args.steps + 2):
-        raw.append(raw_step(trainer, [e.prompt for e in trainer.step_prompts(step)]))
+        raw.append(raw_step(trainer, [e.prompt for e in trainer.prompts.step_examples(step)]))
         ours.append(seqrl_step(trainer, step))
     med = {k: statistics.median(o[k] for o in ours) for k in ours[0]}
     raw_med = statistics.median(raw)

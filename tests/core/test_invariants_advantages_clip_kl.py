@@ -451,6 +451,39 @@ def test_inv27_fipo_micro_batch_with_dropped_sequence_documented_recipe():
     assert_close(naive * total_tokens, full.loss * (total_tokens - 2), **EXACT)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_inv27_fipo_deferred_normaliser_is_exact_for_any_split(mode):
+    """defer_normalizer=True: each micro-batch returns its undivided sum and kept count; the
+    sum of sums over the sum of counts is the minibatch loss, for tokens and sequences alike."""
+    logp, old, adv, mask = _fipo_drop_batch()
+    cfg = C.resolve_policy_loss_config("fipo", agg=mode)
+    full_lp = logp.clone().requires_grad_(True)
+    full = C.clipped_policy_loss(cfg, logprobs=full_lp, old_logprobs=old, advantages=adv, mask=mask)
+    assert full.denominator is None and full.metrics["fipo/dropped_seqs"].item() == 1.0
+    g_full = _grad(full.loss, full_lp)
+    micro_lp = logp.clone().requires_grad_(True)
+    total, denominator = 0.0, 0.0
+    for a, b in _SPLITS:
+        out = C.clipped_policy_loss(
+            cfg, logprobs=micro_lp[a:b], old_logprobs=old[a:b], advantages=adv[a:b],
+            mask=mask[a:b], total_tokens=999.0, total_sequences=999.0, defer_normalizer=True,
+        )  # fmt: skip
+        total, denominator = total + out.loss, denominator + out.denominator
+    kept_rows = 5  # 7 rows, one all padding, one dropped
+    assert denominator.item() == (mask.sum().item() - 2 if mode == "token-mean" else kept_rows)
+    assert_close(total / denominator, full.loss, **EXACT)
+    assert_close(_grad(total, micro_lp) / denominator, g_full, **EXACT)
+    # a loss without the drop rule ignores the flag: the given normaliser, nothing deferred
+    plain = C.policy_loss(
+        "dapo", logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, total_tokens=3.0
+    )
+    deferred = C.clipped_policy_loss(
+        C.resolve_policy_loss_config("dapo"), logprobs=logp, old_logprobs=old, advantages=adv,
+        mask=mask, total_tokens=3.0, defer_normalizer=True,
+    )  # fmt: skip
+    assert deferred.denominator is None and torch.equal(deferred.loss, plain.loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # Invariant 31: KL estimators
 

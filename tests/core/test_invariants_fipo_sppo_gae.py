@@ -177,7 +177,7 @@ def test_inv15_sppo_advantage_independent_of_response_length():
 
 def _critic_batch(tok, prompts, responses):
     """A RolloutBatch (G = 1) of the given prompts and response strings, as the sampler lays out."""
-    from seqrl.rollout.hf import RolloutBatch, response_mask_from_tokens
+    from seqrl.rollout import RolloutBatch, response_mask_from_tokens
 
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     resp = [[*tok.encode(r, add_special_tokens=False), tok.eos_token_id] for r in responses]
@@ -200,7 +200,7 @@ def test_inv16_critic_input_invariance_to_response_tokens_and_left_padding(spec)
     """V(s_p) is read from a prompt-only forward: responses never reach it, padding does not move it."""
     from seqrl.models import build_tiny_model, build_tokenizer
     from seqrl.models.critic import build_critic
-    from seqrl.train.critic import batch_values, prompt_value_logits
+    from seqrl.train.forward import batch_values, prompt_value_logits
 
     tok = build_tokenizer()
     policy = build_tiny_model(tok, size="nano", seed=3)

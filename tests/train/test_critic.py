@@ -14,11 +14,10 @@ import seqrl.core as C
 from seqrl.config import load_config
 from seqrl.models import build_tiny_model, build_tokenizer
 from seqrl.models.critic import build_critic
-from seqrl.rollout.hf import RolloutBatch, response_mask_from_tokens
+from seqrl.rollout import RolloutBatch, response_mask_from_tokens
 from seqrl.train.critic import (
     Critic,
     CriticSettings,
-    batch_values,
     calibration_metrics,
     critic_step,
     pass_rates,
@@ -26,6 +25,7 @@ from seqrl.train.critic import (
     spearman,
 )
 from seqrl.train.diagnose import separation
+from seqrl.train.forward import batch_values
 from seqrl.train.step import response_logprobs
 from seqrl.train.trainer import Trainer
 

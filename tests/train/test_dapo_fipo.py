@@ -40,7 +40,7 @@ def _rollout(trainer: Trainer, step: int):
         trainer.sampler,
         trainer.tokenizer,
         trainer.task,
-        trainer.step_prompts(step),
+        trainer.prompts.step_examples(step),
         lambda start, n: [trainer.train_examples[int(side[i])] for i in range(start, start + n)],
         trainer.sampling_settings,
     )

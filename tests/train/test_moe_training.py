@@ -12,15 +12,10 @@ from seqrl.models import load_policy
 from seqrl.models.moe import find_routers
 from seqrl.rollout import HFSampler
 from seqrl.tasks import get_task
+from seqrl.train.forward import joint_inputs
 from seqrl.train.plots import plot_run
 from seqrl.train.routing import RolloutRouting
-from seqrl.train.step import (
-    UpdateSettings,
-    batch_logprobs,
-    joint_inputs,
-    response_logprobs,
-    update_policy,
-)
+from seqrl.train.step import UpdateSettings, batch_logprobs, response_logprobs, update_policy
 from seqrl.train.trainer import Trainer
 from support import ExpertsObserver, train_cli
 

@@ -10,13 +10,8 @@ from seqrl.config import load_config
 from seqrl.models import load_policy
 from seqrl.rollout import HFSampler
 from seqrl.tasks import get_task
-from seqrl.train.step import (
-    UpdateSettings,
-    batch_logprobs,
-    response_logprobs,
-    shared_prefix_logits,
-    update_policy,
-)
+from seqrl.train.forward import shared_prefix_logits
+from seqrl.train.step import UpdateSettings, batch_logprobs, response_logprobs, update_policy
 from seqrl.train.trainer import Trainer
 
 

@@ -80,6 +80,36 @@ def test_micro_batch_size_does_not_change_the_update(setup, name):
         )  # the drop rule path ran (exact via sum-then-divide)
 
 
+@pytest.mark.parametrize("name", ["grpo", "fipo"])
+def test_logged_losses_do_not_depend_on_micro_batch_size(setup, name):
+    """loss/policy and loss/kl are the minibatch's losses (the micro-batch shares summed), so
+    the micro-batch size changes neither the update nor what is logged about it."""
+    model, _, batch = setup
+    B = batch.response_ids.shape[0]
+    gen = torch.Generator().manual_seed(5)
+    adv = C.group_advantages(torch.randint(0, 2, (B,), generator=gen).double(), 4)
+    old = batch_logprobs(model, batch, temperature=1.0, micro_batch_size=B)
+    ref = old - 0.1 * batch.response_mask  # a reference away from π_old: a non-zero KL
+    logged = []
+    for micro in (B, 3):
+        settings = UpdateSettings(name, {}, 2, 1, micro, 1e9, 1.0)
+        m = copy.deepcopy(model)
+        metrics, _ = update_policy(
+            m,
+            torch.optim.SGD(m.parameters(), lr=0.0),
+            batch,
+            adv,
+            old,
+            ref,
+            settings,
+            torch.Generator().manual_seed(7),
+        )
+        logged.append(metrics)
+    for key in ("loss/policy", "loss/kl"):
+        assert logged[0][key] != 0
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-9, abs=1e-12), key
+
+
 def test_single_on_policy_update_needs_no_old_logprob_pass(setup):
     model, _, batch = setup
     B = batch.response_ids.shape[0]

@@ -46,10 +46,18 @@ RATIO_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
 
 @dataclass(frozen=True)
 class LossOutput:
-    """A loss to minimise (0-d tensor) and its metrics (detached 0-d tensors, namespaced keys)."""
+    """A loss to minimise (0-d tensor) and its metrics (detached 0-d tensors, namespaced keys).
+
+    ``denominator`` is None when ``loss`` is already normalised. Otherwise ``loss`` and its
+    ``loss/*`` metrics are sums over this call's rows, and the caller divides the gradient it
+    accumulated over a minibatch (and those metrics) by the sum of the minibatch's
+    denominators: a loss whose normaliser depends on every row's forward (FIPO's drop rule)
+    can only be normalised once the whole minibatch has been seen.
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    denominator: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,38 @@ def policy_loss(
 ) -> LossOutput:
     """Clipped policy-gradient loss of algorithm ``name`` (a preset; ``hparams`` override it).
 
+    The preset and overrides are resolved by :func:`resolve_policy_loss_config`, then
+    :func:`clipped_policy_loss` computes the loss (a training loop resolves once per run and
+    calls that directly).
+    """
+    return clipped_policy_loss(
+        resolve_policy_loss_config(name, **hparams),
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        is_weights=is_weights,
+    )
+
+
+def clipped_policy_loss(
+    cfg: PolicyLossConfig,
+    *,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    total_tokens: Tensor | float | None = None,
+    total_sequences: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
+    defer_normalizer: bool = False,
+) -> LossOutput:
+    """The clipped policy-gradient loss of a resolved :class:`PolicyLossConfig`.
+
         w      = token ratio, GSPO's s_i, or GSPO-token's sg[s_i]·π/sg[π]   (ratio_level)
         Ã_t    = Â_t · f_t   (FIPO, f detached; f ≡ 1 otherwise)
         ℓ_t    = max(−Ã w, −Ã clip(w, 1 − ε_low, 1 + ε_high));  min(ℓ_t, −Ã c) where Ã < 0 (dual clip)
@@ -262,14 +302,16 @@ def policy_loss(
     from :func:`seqrl.core.normalizers`, and the aggregation uses the one it needs.
 
     FIPO's sequence-drop rule removes rows from the denominator, and which rows go is only known
-    in each micro-batch's forward pass. For exact gradient accumulation with it, pass
-    ``total_tokens=1`` (a plain token sum), accumulate, then divide the gradients by the sum of
-    the micro-batches' ``fipo/kept_tokens`` before clipping and stepping.
+    in each micro-batch's forward pass. Called on a whole minibatch (no normaliser passed) the
+    loss divides by its own kept tokens (or sequences); a given normaliser is used as given. With
+    ``defer_normalizer=True`` a loss whose normaliser depends on its forward (the drop rule)
+    instead returns the undivided sum and its local kept count as ``LossOutput.denominator``,
+    for the caller to divide by after accumulating the minibatch (exact for any micro-batching
+    and number of processes); other losses ignore the flag.
     Metrics: ``loss/policy``, ``loss/kl``, ``policy/clip_frac{,_low,_high}``,
     ``policy/dual_clip_frac``, ``policy/ratio_{mean,min,max}``, ``policy/kl_old``,
     ``policy/seq_clip_frac`` (GSPO), ``fipo/*`` (FIPO).
     """
-    cfg = resolve_policy_loss_config(name, **hparams)
     _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, cfg)
     old_logprobs = old_logprobs.detach()
     adv = advantages.detach()
@@ -280,6 +322,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # [B, T]
     loss_mask = mask
     metrics: dict[str, Tensor] = {}
+    norm = _normalizer(cfg.agg, total_tokens, total_sequences)
+    denominator = None
 
     if cfg.future_kl_weights:
         weights, fipo_metrics = _fipo_weights(log_ratio, adv, mask, cfg)
@@ -290,6 +334,9 @@ def policy_loss(
             loss_mask = mask & keep[:, None]
             metrics["fipo/dropped_seqs"] = (~keep & mask.any(-1)).sum().to(ratio.dtype)
             metrics["fipo/kept_tokens"] = loss_mask.sum().to(ratio.dtype)
+            if defer_normalizer:  # sums; the caller divides by the minibatch's Σ denominators
+                denominator = _local_normalizer(cfg.agg, loss_mask).to(ratio.dtype)
+                norm = dict.fromkeys(norm, 1)
 
     per_token = clipped_surrogate(
         ratio, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c
@@ -300,7 +347,6 @@ def policy_loss(
                 f"is_weights has shape {tuple(is_weights.shape)}, expected {tuple(per_token.shape)}"
             )
         per_token = per_token * is_weights.detach()  # [B, T]
-    norm = _normalizer(cfg.agg, total_tokens, total_sequences)
     norm["max_tokens"] = cfg.max_tokens
     policy = aggregate(per_token, loss_mask, cfg.agg, **norm)
     loss = policy
@@ -316,7 +362,16 @@ def policy_loss(
             loss = loss + cfg.kl_coef * kl
         metrics["loss/kl"] = kl
     metrics.update(_ratio_metrics(ratio, adv, mask, logprobs, old_logprobs, cfg))
-    return LossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
+    return LossOutput(
+        loss=loss, metrics={k: v.detach() for k, v in metrics.items()}, denominator=denominator
+    )
+
+
+def _local_normalizer(agg: str, mask: Tensor) -> Tensor:
+    """What :func:`aggregate` divides by without a minibatch normaliser: tokens or sequences."""
+    if agg == "token-mean":
+        return mask.sum()
+    return (mask.sum(dim=-1) > 0).sum()
 
 
 def _fipo_weights(log_ratio, adv, mask, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str, Tensor]]:

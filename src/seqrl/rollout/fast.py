@@ -30,14 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqrl.rollout.hf import (
-    HFSampler,
-    RolloutBatch,
-    eval_mode,
-    gumbel_noise,
-    response_mask_from_tokens,
-    row_seeds,
-)
+from seqrl.rollout.base import RolloutBatch, eval_mode, response_mask_from_tokens
+from seqrl.rollout.hf import HFSampler, gumbel_noise, row_seeds
 
 # generation-config fields that add a logits processor or change the search: any of these set to
 # a non-neutral value sends generation to model.generate (HFSampler).

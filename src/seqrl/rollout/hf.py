@@ -1,9 +1,8 @@
 """The reference sampler on transformers' ``generate`` (KV cache, temperature, top-p).
 
-The sampler is where the response mask is made: True on every sampled token up to and including
-the first EOS, False on the padding after it. It also returns its own log-probs of the sampled
-tokens under the distribution it sampled from (temperature and top-p applied), so a trainer can
-use them as π_old (GSPO §5.4) instead of recomputing.
+Besides the responses and their mask, the sampler returns its own log-probs of the sampled tokens
+under the distribution it sampled from (temperature and top-p applied), so a trainer can use them
+as π_old (GSPO §5.4) instead of recomputing.
 
 With ``seeds`` (one per prompt) every response draws its tokens from its own random stream,
 seeded by (prompt seed, sample index) and independent of which other prompts share the batch:
@@ -15,42 +14,15 @@ which samples exactly from μ (the temperature- and top-p-processed distribution
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class RolloutBatch:
-    """B = P·G sampled responses; rows i·G … i·G + G − 1 share prompt i."""
-
-    prompt_ids: Tensor  # [B, Lp] left-padded
-    prompt_mask: Tensor  # [B, Lp] bool, True = real prompt token
-    response_ids: Tensor  # [B, T] right-padded with pad_token_id
-    response_mask: Tensor  # [B, T] bool, True = sampled token (EOS included)
-    sampler_logprobs: (
-        Tensor  # [B, T] (float32 or wider), log μ(y_t), 0 where response_mask is False
-    )
-    truncated: Tensor  # [B] bool, True = no EOS within the token budget
-    group_size: int
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.response_mask.sum(dim=-1)  # [B]
-
-
-class Sampler(Protocol):
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        group_size: int,
-        greedy: bool = False,
-        seeds: list[int] | None = None,
-    ) -> RolloutBatch: ...
+from seqrl.rollout.base import (
+    RolloutBatch,
+    encode_prompts,
+    eval_mode,
+    response_mask_from_tokens,
+)
 
 
 def row_seeds(seeds: list[int], group_size: int) -> list[int]:
@@ -93,32 +65,6 @@ class _RowStreamSampler:
         return logp + gumbel_noise(self.generators, scores.shape[-1], scores.device)
 
 
-@contextmanager
-def eval_mode(model):
-    """``model`` in eval mode (no dropout) within the block, its previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids [B, Lp] and attention mask [B, Lp] (bool) on ``device``."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
-
-
-def response_mask_from_tokens(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """(mask [B, T], truncated [B]): True up to and including the first EOS of each row."""
-    is_eos = response_ids == eos_token_id  # [B, T]
-    eos_before = is_eos.cumsum(dim=-1) - is_eos.long()  # [B, T] EOS count strictly before t
-    mask = eos_before == 0
-    truncated = ~is_eos.any(dim=-1)
-    return mask, truncated
-
-
 class HFSampler:
     """Sampler on ``model.generate``; ``temperature`` and ``top_p`` as in the rollout config."""
 
@@ -134,6 +80,9 @@ class HFSampler:
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return encode_prompts(self.tokenizer, prompts, self.model.device)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: ``generate`` runs on the policy module itself."""
 
     @torch.inference_mode()
     def generate(

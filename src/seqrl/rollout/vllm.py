@@ -3,7 +3,7 @@
     sampler = VLLMSampler(policy, tokenizer, max_new_tokens=..., work_dir=...)
     batch = sampler.generate(prompts, group_size=G, seeds=[...])    # RolloutBatch, as HFSampler
     ... optimiser step on ``policy`` ...
-    sampler.sync_weights(policy)                                     # push θ to the engine
+    sampler.sync_weights()                                           # push θ to the engine
 
 Each process (each ``torchrun`` rank) runs its own engine on its own GPU, sharing it with the
 trainer (``rollout.vllm.gpu_memory_utilization`` bounds vLLM's share). The engine starts from
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from seqrl.rollout.hf import RolloutBatch, encode_prompts, response_mask_from_tokens, row_seeds
+from seqrl.rollout.base import RolloutBatch, encode_prompts, response_mask_from_tokens
+from seqrl.rollout.hf import row_seeds
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs vLLM on a CUDA machine: pip install 'seqrl[vllm]' "
@@ -143,8 +144,14 @@ class VLLMSampler:
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module | None = None) -> None:
-        """Push the policy's current weights into the engine (after every optimiser step)."""
-        model = self.model if model is None else model
+        """Push the policy's current weights into the engine (after every optimiser step).
+
+        ``model`` defaults to the policy this sampler was built on, LoRA adapters merged in.
+        """
+        if model is None:
+            from seqrl.models.lora import merged
+
+            model = merged(self.model)
         items = list(hf_weight_items(model))
         target = self._engine_model()
         if target is not None:

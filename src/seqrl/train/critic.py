@@ -14,25 +14,20 @@ The critic is its own model (:mod:`seqrl.models.critic`) with its own AdamW, LR 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
-from seqrl.rollout.hf import eval_mode
-from seqrl.train.dist import (
-    SINGLE,
-    DistInfo,
-    all_reduce_grads,
-    all_reduce_sum,
-    any_rank,
-    reduce_sums,
-)
-from seqrl.train.metrics import MetricAccumulator
-from seqrl.train.step import _trim, global_normalizers, joint_inputs, minibatch_rows
+from seqrl.rollout.base import eval_mode
+from seqrl.train.dist import SINGLE, DistInfo, all_reduce_sum, mean_metrics
+from seqrl.train.forward import batch_values, prompt_value_logits, token_values
+from seqrl.train.optimize import PassSettings, optimizer_pass
 
 
 @dataclass(frozen=True)
@@ -50,57 +45,11 @@ class CriticSettings:
     lam: float = 1.0
     whiten: bool = True
 
-
-# ------------------------------------------------------------------------------- forwards
-
-
-def _wide(x: Tensor) -> Tensor:
-    """float32 or wider (bf16 critics are read out in float32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def prompt_value_logits(critic, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-    """The critic's output at the last prompt token, from a prompt-only forward: [B].
-
-    prompt_ids, prompt_mask [B, Lp] are left-padded, so column −1 is every row's last real
-    token; position ids count real tokens only, so left padding does not move the value, and
-    no response token is ever passed in (invariant 16).
-    """
-    ids, mask = _trim(prompt_ids, prompt_mask, left=True)  # [B, Lp']
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    out = critic(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
-    return _wide(out.logits[:, -1, 0])  # [B]
-
-
-def token_values(critic, batch: RolloutBatch, rows: Tensor) -> Tensor:
-    """V(s_t) for every response token t of ``rows``: [b, T], 0 on padding.
-
-    s_t = prompt + y_<t, so V(s_t) is read at the position just before token t (the last
-    prompt token for t = 0), verl's convention. Same left-padded layout as the policy forward.
-    """
-    inputs, resp_ids, resp_mask = joint_inputs(batch, rows)  # [b, Lp + T]
-    T = resp_ids.shape[1]
-    Lp = inputs["input_ids"].shape[1] - T
-    out = critic(**inputs, use_cache=False)
-    values = _wide(out.logits[:, Lp - 1 : Lp - 1 + T, 0])  # [b, T]
-    values = torch.where(resp_mask, values, torch.zeros_like(values))
-    return torch.nn.functional.pad(values, (0, batch.response_ids.shape[1] - T))
-
-
-@torch.no_grad()
-def batch_values(critic, batch: RolloutBatch, kind: str, micro_batch_size: int) -> Tensor:
-    """Critic outputs for the whole batch without gradient: logits [B] or values [B, T]."""
-    B = batch.response_ids.shape[0]
-    parts = []
-    for s in range(0, B, micro_batch_size):
-        rows = torch.arange(s, min(s + micro_batch_size, B))
-        if kind == "scalar":
-            parts.append(
-                prompt_value_logits(critic, batch.prompt_ids[rows], batch.prompt_mask[rows])
-            )
-        else:
-            parts.append(token_values(critic, batch, rows))
-    return torch.cat(parts)
+    @property
+    def passes(self) -> PassSettings:
+        return PassSettings(
+            self.num_minibatches, self.ppo_epochs, self.micro_batch_size, self.grad_clip
+        )
 
 
 def global_whiten(x: Tensor, mask: Tensor, dist: DistInfo, eps: float = 1e-8) -> Tensor:
@@ -176,67 +125,50 @@ class Critic:
         The loss normaliser is the minibatch's, so micro-batching does not change the gradient.
         A non-finite loss or gradient skips that step (counted in ``critic/nonfinite_skipped``).
         """
-        s, mask, dist = self.settings, batch.response_mask, self.dist
-        B = batch.response_ids.shape[0]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        acc, skipped = MetricAccumulator(), 0
-        self.model.train()
-        for _ in range(s.ppo_epochs):
-            order = torch.randperm(B * dist.world_size, generator=generator)
-            for minibatch in minibatch_rows(order, s.num_minibatches, B, dist):
-                total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
-                if self.kind == "scalar":  # every row's reward teaches V(prompt), masked or not
-                    rows = torch.tensor(minibatch.numel(), dtype=torch.int64)
-                    total_sequences = all_reduce_sum(rows, dist).clamp(min=1)
-                finite, minibatch_loss = True, torch.zeros((), dtype=torch.float64)
-                for micro in minibatch.split(s.micro_batch_size) if minibatch.numel() else ():
-                    if self.kind == "scalar":
-                        logits = prompt_value_logits(
-                            self.model, batch.prompt_ids[micro], batch.prompt_mask[micro]
-                        )  # [b]
-                        out = C.bce_value_loss(
-                            logits, targets[micro], total_sequences=total_sequences
-                        )
-                    elif self.sigmoid_values:  # PPO + BCE (SPPO §4.3): per-token σ(z_t) vs G_t
-                        logits = token_values(self.model, batch, micro)  # [b, T]
-                        out = C.bce_value_loss(
-                            logits,
-                            targets[micro],
-                            mask[micro],
-                            total_tokens=total_tokens,
-                            total_sequences=total_sequences,
-                        )
-                    else:
-                        values = token_values(self.model, batch, micro)  # [b, T]
-                        out = C.clipped_value_loss(
-                            values,
-                            old_values[micro],
-                            targets[micro],
-                            mask[micro],
-                            clip=s.value_clip,
-                            total_tokens=total_tokens,
-                            total_sequences=total_sequences,
-                        )
-                    finite &= bool(torch.isfinite(out.loss))
-                    out.loss.backward()
-                    minibatch_loss += out.loss.detach().double().cpu()  # shares sum to the loss
-                    acc.add({k: v for k, v in out.metrics.items() if k != "critic/loss"})
-                acc.add({"critic/loss": all_reduce_sum(minibatch_loss, dist)})
-                all_reduce_grads(params, dist)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, s.grad_clip if s.grad_clip is not None else math.inf
+        s, mask = self.settings, batch.response_mask
+        # the scalar critic learns V(prompt) from every row's reward, masked response or not
+        counted = torch.ones_like(mask[:, :1]) if self.kind == "scalar" else mask  # [B, T or 1]
+
+        def loss_fn(micro: Tensor, total_tokens: Tensor, total_sequences: Tensor) -> C.LossOutput:
+            if self.kind == "scalar":
+                logits = prompt_value_logits(
+                    self.model, batch.prompt_ids[micro], batch.prompt_mask[micro]
+                )  # [b]
+                return C.bce_value_loss(logits, targets[micro], total_sequences=total_sequences)
+            values = token_values(self.model, batch, micro)  # [b, T]
+            if self.sigmoid_values:  # PPO + BCE (SPPO §4.3): per-token σ(z_t) vs G_t
+                return C.bce_value_loss(
+                    values,
+                    targets[micro],
+                    mask[micro],
+                    total_tokens=total_tokens,
+                    total_sequences=total_sequences,
                 )
-                finite = not any_rank(not finite, dist)
-                if finite and math.isfinite(grad_norm.item()):
-                    self.optimizer.step()
-                    acc.add({"critic/grad_norm": grad_norm})
-                else:
-                    skipped += 1
-                self.optimizer.zero_grad(set_to_none=True)
+            return C.clipped_value_loss(
+                values,
+                old_values[micro],
+                targets[micro],
+                mask[micro],
+                clip=s.value_clip,
+                total_tokens=total_tokens,
+                total_sequences=total_sequences,
+            )
+
+        self.model.train()
+        acc, skipped = optimizer_pass(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.optimizer,
+            loss_fn,
+            mask=counted,
+            settings=s.passes,
+            generator=generator,
+            dist=self.dist,
+            summed=("critic/loss",),
+            grad_norm_key="critic/grad_norm",
+        )
         self.scheduler.step()
         self.model.eval()
-        means = reduce_sums(acc.sums(), dist) if dist.active else acc.means()
-        return means | {"critic/nonfinite_skipped": float(skipped)}
+        return mean_metrics(acc, self.dist) | {"critic/nonfinite_skipped": float(skipped)}
 
     @torch.no_grad()
     def prompt_predictions(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
@@ -310,9 +242,6 @@ def eval_predictions(critic: Critic, sampler, examples: list, chunk: int = 256) 
 
 def log_calibration(run_dir, step: int, rows: list[dict]) -> None:
     """Append one eval's per-prompt (prompt, predicted, pass_rate) to ``calibration.jsonl``."""
-    import json
-    from pathlib import Path
-
     record = {
         "step": step,
         "prompt": [r["prompt"] for r in rows],
@@ -340,59 +269,7 @@ def calibration_metrics(predicted: Tensor, pass_rate: Tensor) -> dict[str, float
     }
 
 
-# ------------------------------------------------------------------------------- from a config
-
-
-def critic_from_config(
-    cfg, policy, tokenizer, device: torch.device, dist: DistInfo = SINGLE
-) -> Critic | None:
-    """The run's critic (None for ``critic.kind: none``): model, AdamW and LR schedule.
-
-    ``cfg`` is a :class:`seqrl.config.RunConfig`; the critic is float32 (its BCE/MSE targets are
-    probabilities and returns, and it is small next to the policy in every preset).
-    """
-    from seqrl.models.critic import build_critic
-    from seqrl.models.lora import apply_lora
-    from seqrl.train.trainer import lr_lambda
-
-    c = cfg.critic
-    if c.kind == "none":
-        return None
-    model = build_critic(c.model, policy, tokenizer, seed=cfg.seed).to(device)
-    if c.lora:  # adapters on the backbone, the fresh value head trained in full
-        lora = cfg.model.lora
-        model = apply_lora(
-            model,
-            r=lora.r,
-            alpha=lora.alpha,
-            target_modules=lora.target_modules,
-            task_type="TOKEN_CLS",
-            modules_to_save=["score"],
-        )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=c.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=c.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(c.schedule, c.lr_warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio),
-    )
-    settings = CriticSettings(
-        kind=c.kind,
-        num_minibatches=c.num_minibatches or cfg.algo.num_minibatches,
-        ppo_epochs=c.ppo_epochs,
-        micro_batch_size=cfg.algo.micro_batch_size,
-        grad_clip=c.grad_clip,
-        token_loss=c.token_loss,
-        value_clip=c.value_clip,
-        gamma=c.gamma,
-        lam=c.lam,
-        whiten=c.whiten,
-    )
-    return Critic(model, optimizer, scheduler, settings, dist)
+# ------------------------------------------------------------------------------- one step
 
 
 def critic_step(

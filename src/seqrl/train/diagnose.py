@@ -88,35 +88,13 @@ def tail_effect(
     out: str | Path | None = None,
 ) -> dict:
     """Sample, read the token critic, write ``plots/tail_effect.png`` and ``tail_effect.json``."""
-    from seqrl.config import load_config
-    from seqrl.models import load_policy
-    from seqrl.models.critic import build_critic
     from seqrl.rollout import HFSampler
-    from seqrl.tasks import get_task
-    from seqrl.train.critic import batch_values
-    from seqrl.train.step import score_rollout
+    from seqrl.train.forward import batch_values
+    from seqrl.train.sampling import score_rollout
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    if cfg.critic.kind != "token":
-        raise ValueError(
-            f"the tail-effect diagnostic reads a token critic V(s_t), but {run_dir} was trained "
-            f"with critic.kind={cfg.critic.kind!r}; train a PPO run (--set preset=ppo) first"
-        )
-    final = run_dir / "final"
-    if not (final / "critic" / "config.json").exists():
-        raise FileNotFoundError(
-            f"{final}/critic is missing: the run has not finished; "
-            f"finish it with `seqrl train --resume {run_dir}`"
-        )
-    policy, tok = load_policy(final)
-    critic = build_critic(str(final / "critic"), policy, tok)
-    kwargs = {"digits": cfg.task.digits, "seed": cfg.task.seed}
-    if cfg.task.name == "scratchpad":
-        kwargs["operands"] = cfg.task.operands
-    task = get_task(cfg.task.name, **kwargs)
+    cfg, policy, tok, critic = _load_token_critic_run(run_dir)
+    task = cfg.task.build()
     examples = task.examples("test", prompts)
     sampler = HFSampler(
         policy,
@@ -158,6 +136,30 @@ def tail_effect(
     return result
 
 
+def _load_token_critic_run(run_dir: Path):
+    """(config, policy, tokenizer, token critic) of a finished PPO run, or a clear error."""
+    from seqrl.config import load_config
+    from seqrl.models import load_policy
+    from seqrl.models.critic import build_critic
+
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    if cfg.critic.kind != "token":
+        raise ValueError(
+            f"the tail-effect diagnostic reads a token critic V(s_t), but {run_dir} was trained "
+            f"with critic.kind={cfg.critic.kind!r}; train a PPO run (--set preset=ppo) first"
+        )
+    final = run_dir / "final"
+    if not (final / "critic" / "config.json").exists():
+        raise FileNotFoundError(
+            f"{final}/critic is missing: the run has not finished; "
+            f"finish it with `seqrl train --resume {run_dir}`"
+        )
+    policy, tok = load_policy(final)
+    return cfg, policy, tok, build_critic(str(final / "critic"), policy, tok)
+
+
 def _plot(values, mask, end_values, end_present, correct, result, out: Path) -> None:
     import matplotlib
 
@@ -166,55 +168,44 @@ def _plot(values, mask, end_values, end_present, correct, result, out: Path) -> 
 
     T = values.shape[1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    panels = [
-        (axes[0], values, mask, list(range(T)), result["first_separated_from_start"], "from start"),
-        (
-            axes[1],
-            end_values,
-            end_present,
-            list(range(-T, 0)),
-            result["first_separated_from_end"],
-            "from end",
-        ),
-    ]
-    for ax, vals, present, xs, point, name in panels:
-        for family, colour, label in (
-            (correct, "tab:blue", "correct"),
-            (~correct, "tab:red", "incorrect"),
-        ):
-            for i in family.nonzero().flatten().tolist():
-                keep = present[i]
-                ax.plot(
-                    [x for x, k in zip(xs, keep.tolist(), strict=True) if k],
-                    vals[i][keep].tolist(),
-                    color=colour,
-                    alpha=0.12,
-                    linewidth=0.8,
-                )
-            stats = _family_stats(vals[family], present[family])
-            mx = [x for x, (n, _, _) in zip(xs, stats, strict=True) if n >= 2]
-            m = [s[1] for s in stats if s[0] >= 2]
-            h = [s[2] for s in stats if s[0] >= 2]
-            ax.plot(mx, m, color=colour, linewidth=2, label=f"{label} (mean, 95% CI)")
-            ax.fill_between(
-                mx,
-                [a - b for a, b in zip(m, h, strict=True)],
-                [a + b for a, b in zip(m, h, strict=True)],
-                color=colour,
-                alpha=0.2,
-            )
-        if point is not None:
-            ax.axvline(
-                point, color="k", linestyle="--", linewidth=1, label=f"separated from {point}"
-            )
-        ax.set_xlabel(f"response position ({name})")
-        ax.grid(alpha=0.3)
+    start = result["first_separated_from_start"]
+    _panel(axes[0], values, mask, list(range(T)), correct, start, "from start")
+    end = result["first_separated_from_end"]
+    _panel(axes[1], end_values, end_present, list(range(-T, 0)), correct, end, "from end")
     axes[0].set_ylabel("critic value V(s_t)")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
     fig.suptitle(
         f"tail effect: {result['correct']} correct / {result['incorrect']} incorrect responses"
     )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _panel(ax, vals, present, xs: list[int], correct, point, name: str) -> None:
+    """Every response's V(s_t) (thin), each family's mean and 95% CI, the separation point."""
+    for family, colour, label in (
+        (correct, "tab:blue", "correct"),
+        (~correct, "tab:red", "incorrect"),
+    ):
+        for i in family.nonzero().flatten().tolist():
+            keep = present[i]
+            ax.plot(
+                [x for x, k in zip(xs, keep.tolist(), strict=True) if k],
+                vals[i][keep].tolist(),
+                color=colour,
+                alpha=0.12,
+                linewidth=0.8,
+            )
+        stats = _family_stats(vals[family], present[family])
+        mx = [x for x, (n, _, _) in zip(xs, stats, strict=True) if n >= 2]
+        m = [s[1] for s in stats if s[0] >= 2]
+        h = [s[2] for s in stats if s[0] >= 2]
+        ax.plot(mx, m, color=colour, linewidth=2, label=f"{label} (mean, 95% CI)")
+        low = [a - b for a, b in zip(m, h, strict=True)]
+        high = [a + b for a, b in zip(m, h, strict=True)]
+        ax.fill_between(mx, low, high, color=colour, alpha=0.2)
+    if point is not None:
+        ax.axvline(point, color="k", linestyle="--", linewidth=1, label=f"separated from {point}")
+    ax.set_xlabel(f"response position ({name})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

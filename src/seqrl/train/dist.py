@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqrl.train.metrics import extreme_kind
+from seqrl.train.metrics import MetricAccumulator, extreme_kind
 
 
 @dataclass(frozen=True)
@@ -210,3 +210,8 @@ def reduce_metrics(metrics: dict[str, float], info: DistInfo) -> dict[str, float
     if not info.active:
         return metrics
     return reduce_sums({k: (v, 1) for k, v in metrics.items()}, info)
+
+
+def mean_metrics(acc: MetricAccumulator, info: DistInfo) -> dict[str, float]:
+    """An accumulator's per-key means, over every rank's micro-batches (extremes: the extreme)."""
+    return reduce_sums(acc.sums(), info) if info.active else acc.means()

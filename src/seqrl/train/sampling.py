@@ -29,8 +29,8 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
 from seqrl.tasks.rewards import RewardTerm, term_rewards
+from seqrl.train.dist import SINGLE, DistInfo, shard
 from seqrl.train.metrics import quantiles
-from seqrl.train.step import score_rollout
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,87 @@ class StepRollout:
     correct: Tensor  # [P'·G] bool
     metrics: dict[str, float]  # over every response generated in the step, + sampling/*
     terms: Tensor | None = None  # [n_terms, P'·G] weighted extra reward terms
+    greedy_rewards: Tensor | None = None  # [P'] ReMax's baseline: the greedy responses' rewards
+
+
+def stream_seed(*parts: int) -> int:
+    """A sampling-stream seed from integers (run seed, step, prompt slot, ...): stable everywhere."""
+    out = 0
+    for part in parts:
+        out = (out * 1_000_003 + part + 7_919) % (2**61 - 1)
+    return out
+
+
+class PromptOrder:
+    """Which prompts step ``s`` trains on, and the seed of each prompt's sampling stream.
+
+    Both follow from (run seed, step) alone: the step's P prompts are the next P of epochs of
+    seeded shuffles of the training set, the extra prompts of dynamic sampling come from the
+    step's :func:`side_stream`, and prompt slot k of step s samples from stream (seed, s, k). A
+    resumed run therefore draws exactly what an uninterrupted one would, with nothing to save.
+    Under ``torchrun`` each rank takes a contiguous share of the P prompts, and slots are
+    numbered globally, so a prompt's responses do not depend on the number of processes.
+    """
+
+    def __init__(
+        self, examples: list, *, prompts_per_step: int, seed: int, dist: DistInfo = SINGLE
+    ) -> None:
+        self.examples, self.P, self.seed, self.dist = examples, prompts_per_step, seed, dist
+        self._order, self._order_epoch = None, None  # cached shuffle of the current data epoch
+
+    def step_examples(self, step: int) -> list:
+        """This rank's share of the P examples of RL step ``step`` (1-based)."""
+        N = len(self.examples)
+        picked = []
+        for i in range((step - 1) * self.P, step * self.P):
+            epoch, pos = divmod(i, N)
+            picked.append(self.examples[int(self._epoch_order(epoch)[pos])])
+        return shard(picked, self.dist)
+
+    def side_examples(self, step: int) -> Callable[[int, int], list]:
+        """``(start, count)`` → examples start … start + count − 1 of the step's side stream."""
+        side = None
+
+        def take(start: int, count: int) -> list:
+            nonlocal side
+            if side is None:
+                side = side_stream(len(self.examples), seed=self.seed, step=step)
+            return [self.examples[int(side[i % len(side)])] for i in range(start, start + count)]
+
+        return take
+
+    def seeds_for(self, step: int) -> Callable[[list[int]], list[int]]:
+        """Prompt slots of this rank → sampling seeds (step prompts first, then side prompts)."""
+        P_local = self.P // self.dist.world_size
+
+        def seeds(slots: list[int]) -> list[int]:
+            out = []
+            for slot in slots:
+                if slot < P_local:
+                    slot += self.dist.rank * P_local
+                else:  # side-stream prompts (dynamic sampling, one process only)
+                    slot += self.P - P_local
+                out.append(stream_seed(self.seed, step, slot))
+            return out
+
+        return seeds
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        if self._order_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=gen)
+            self._order_epoch = epoch
+        return self._order
+
+
+def score_rollout(tokenizer, task, batch: RolloutBatch, examples: list) -> tuple[list[str], Tensor]:
+    """Decode the responses and score each against its prompt's example: (texts, rewards [B]).
+
+    ``examples`` has one entry per prompt; row i of the batch belongs to examples[i // G].
+    """
+    texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+    grouped = [e for e in examples for _ in range(batch.group_size)]
+    return texts, torch.tensor(task.score_batch(texts, grouped))
 
 
 def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
@@ -95,6 +176,14 @@ def extra_terms(texts: list[str], examples: list, group_size: int, s: SamplingSe
     """The weighted extra reward terms of ``texts`` (row i answers examples[i // G]): [n_terms, B]."""
     grouped = [e for e in examples for _ in range(group_size)]
     return term_rewards(texts, grouped, s.reward_terms)
+
+
+def greedy_baseline(sampler, tokenizer, task, examples: list, s: SamplingSettings) -> Tensor:
+    """ReMax's baseline: the shaped reward of each prompt's greedy response, [P]."""
+    greedy = sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
+    texts, scores = score_rollout(tokenizer, task, greedy, examples)
+    terms = extra_terms(texts, examples, 1, s)
+    return shaped_rewards(scores > 0, greedy.lengths, s, terms)
 
 
 def point_biserial(x: Tensor, y: Tensor) -> float:
@@ -176,6 +265,39 @@ def rollout_metrics(
     return metrics
 
 
+@dataclass(frozen=True)
+class ScoredGroups:
+    """One generation batch, decoded and scored: n prompts × G responses, b = n·G rows."""
+
+    examples: list  # [n]
+    batch: RolloutBatch  # b rows
+    texts: list[str]  # [b]
+    correct: Tensor  # [b] bool
+    terms: Tensor  # [n_terms, b] weighted extra reward terms
+
+    def select(self, take: Tensor) -> ScoredGroups:
+        """The groups where ``take`` [n] is True."""
+        rows = take.repeat_interleave(self.batch.group_size)  # [b]
+        return ScoredGroups(
+            [e for e, t in zip(self.examples, take.tolist(), strict=True) if t],
+            select_groups(self.batch, take),
+            [t for t, r in zip(self.texts, rows.tolist(), strict=True) if r],
+            self.correct[rows],
+            self.terms[:, rows],
+        )
+
+
+def generate_scored(
+    sampler, tokenizer, task, examples: list, s: SamplingSettings, seeds: list[int] | None
+) -> ScoredGroups:
+    """Sample G responses for each example (from its stream when ``seeds``) and score them."""
+    kwargs = {} if seeds is None else {"seeds": seeds}
+    batch = sampler.generate([e.prompt for e in examples], group_size=s.group_size, **kwargs)
+    texts, scores = score_rollout(tokenizer, task, batch, examples)
+    terms = extra_terms(texts, examples, batch.group_size, s)  # [n_terms, b]
+    return ScoredGroups(examples, batch, texts, scores > 0, terms)
+
+
 def collect_rollout(
     sampler,
     tokenizer,
@@ -192,80 +314,70 @@ def collect_rollout(
     gives the sampling seed of each prompt slot (step prompt i is slot i, side prompt k is
     slot P + k), so every group draws from its own random stream; None uses torch's global one.
     """
-    G, P = s.group_size, len(step_examples)
+    P = len(step_examples)
     per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
-    kept: list[tuple[list, RolloutBatch, list[str], Tensor, Tensor]] = []  # per generation batch
-    seen_correct, seen_lengths, seen_truncated, seen_terms = [], [], [], []
-    n_kept, n_dropped, gen_batches, side_used = 0, 0, 0, 0
-    while gen_batches < (s.max_gen_batches if s.dynamic else 1):
-        examples = list(step_examples) if gen_batches == 0 else []
+    seen: list[ScoredGroups] = []  # every generation batch
+    kept: list[ScoredGroups] = []  # the groups trained on, per generation batch
+    n_kept, n_dropped, side_used = 0, 0, 0
+    while len(seen) < (s.max_gen_batches if s.dynamic else 1):
+        examples = list(step_examples) if not seen else []
         slots = list(range(len(examples)))
         extra = per_batch - len(examples)
         if extra > 0:
             examples += side_examples(side_used, extra)
             slots += [P + side_used + k for k in range(extra)]
             side_used += extra
-        seeds = {} if seeds_for is None else {"seeds": seeds_for(slots)}
-        batch = sampler.generate([e.prompt for e in examples], group_size=G, **seeds)
-        texts, scores = score_rollout(tokenizer, task, batch, examples)
-        correct = scores > 0  # [b]
-        terms = extra_terms(texts, examples, G, s)  # [n_terms, b]
-        gen_batches += 1
-        seen_correct.append(correct)
-        seen_terms.append(terms)
-        seen_lengths.append(batch.lengths)
-        seen_truncated.append(batch.truncated)
+        seeds = None if seeds_for is None else seeds_for(slots)
+        part = generate_scored(sampler, tokenizer, task, examples, s, seeds)
+        seen.append(part)
         if s.dynamic:
-            keep = C.mixed_group_mask(correct, G)  # [b/G]
+            keep = C.mixed_group_mask(part.correct, part.batch.group_size)  # [n]
         else:
             keep = torch.ones(len(examples), dtype=torch.bool)
-        keep_idx = keep.nonzero().flatten()[: max(0, P - n_kept)]  # never more than P groups
         n_dropped += int((~keep).sum())
-        if keep_idx.numel() == len(examples):
-            kept.append((examples, batch, texts, correct, terms))
-            n_kept += len(examples)
-        elif keep_idx.numel():
-            take = torch.zeros_like(keep)
-            take[keep_idx] = True
-            rows = take.repeat_interleave(G)  # [b]
-            kept.append(
-                (
-                    [examples[i] for i in keep_idx.tolist()],
-                    select_groups(batch, take),
-                    [t for t, r in zip(texts, rows.tolist(), strict=True) if r],
-                    correct[rows],
-                    terms[:, rows],
-                )
-            )
-            n_kept += keep_idx.numel()
+        take = keep & (keep.cumsum(0) <= P - n_kept)  # never more than P groups in all
+        if take.all():
+            kept.append(part)
+        elif take.any():
+            kept.append(part.select(take))
+        n_kept += int(take.sum())
         if n_kept >= P:
             break
+    return _step_rollout(kept, seen, s, P, n_dropped, tokenizer.pad_token_id)
 
-    examples = [e for part in kept for e in part[0]]
-    texts = [t for part in kept for t in part[2]]
-    if kept:
-        batch = concat_rollouts([part[1] for part in kept], tokenizer.pad_token_id)
-        correct = torch.cat([part[3] for part in kept])
-        terms = torch.cat([part[4] for part in kept], dim=1)
-    else:  # every group was dropped: an empty batch, and the step makes no update
-        batch = select_groups(batch, torch.zeros(len(batch.prompt_ids) // G, dtype=torch.bool))
-        correct = torch.zeros(0, dtype=torch.bool)
-        terms = torch.zeros(len(s.reward_terms), 0, dtype=torch.float64)
+
+def _step_rollout(
+    kept: list[ScoredGroups],
+    seen: list[ScoredGroups],
+    s: SamplingSettings,
+    P: int,
+    n_dropped: int,
+    pad_token_id: int,
+) -> StepRollout:
+    """The kept groups as one batch with shaped rewards; metrics over everything generated."""
+    if not kept:  # every group was dropped: an empty batch, and the step makes no update
+        empty = torch.zeros(len(seen[-1].examples), dtype=torch.bool)
+        kept = [seen[-1].select(empty)]
+    examples = [e for part in kept for e in part.examples]
+    texts = [t for part in kept for t in part.texts]
+    batch = concat_rollouts([part.batch for part in kept], pad_token_id)
+    correct = torch.cat([part.correct for part in kept])
+    terms = torch.cat([part.terms for part in kept], dim=1)
     rewards = shaped_rewards(correct, batch.lengths, s, terms)  # [P'·G]
 
     metrics = rollout_metrics(
-        torch.cat(seen_correct),
-        torch.cat(seen_lengths),
-        torch.cat(seen_truncated),
+        torch.cat([part.correct for part in seen]),
+        torch.cat([part.batch.lengths for part in seen]),
+        torch.cat([part.batch.truncated for part in seen]),
         s,
-        torch.cat(seen_terms, dim=1),
+        torch.cat([part.terms for part in seen], dim=1),
     )
     if s.dynamic:
         metrics |= {
-            "sampling/gen_batches": float(gen_batches),
-            "sampling/kept_groups": float(n_kept),
+            "sampling/gen_batches": float(len(seen)),
+            "sampling/kept_groups": float(len(examples)),
             "sampling/dropped_groups": float(n_dropped),
-            "sampling/short_of_target": float(P - n_kept),
+            "sampling/short_of_target": float(P - len(examples)),
         }
     if s.overlong_filter:
         metrics["train/overlong_filtered_frac"] = (

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from seqrl.models import save_policy
 from seqrl.rollout import HFSampler
-from seqrl.train.step import score_rollout
+from seqrl.train.sampling import score_rollout
 
 
 @dataclass(frozen=True)
