@@ -61,7 +61,6 @@ from seqrl.core.returns import (
     decay_from_rate,
     discounted_reverse_cumsum,
     future_kl,
-    future_kl_quadratic,
 )
 from seqrl.core.routing import (
     expert_load,
@@ -92,7 +91,6 @@ __all__ = [
     "dual_clip_drop_mask",
     "expert_load",
     "future_kl",
-    "future_kl_quadratic",
     "gae_advantages",
     "group_advantages",
     "group_centered_advantages",
