@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import seqrl.config as config_module
+import seqrl.config.layers as layers
 from seqrl.config import (
     PRESET_INFO,
     ConfigError,
@@ -38,7 +38,7 @@ def _error(path=None, overrides=()) -> str:
 
 
 def test_preset_files_match_preset_info():
-    shipped = {p.name.removesuffix(".yaml") for p in config_module._presets_dir().iterdir()}
+    shipped = {p.name.removesuffix(".yaml") for p in layers._presets_dir().iterdir()}
     assert shipped == set(PRESET_INFO) == set(PRESETS)
     assert PRESETS[0] == "default"
     for name, description, paper in list_presets():
@@ -106,7 +106,7 @@ def test_preset_inheritance_deep_merges_child_wins(tmp_path):
     assert cfg.rollout.group_size == 4
     assert cfg.rollout.prompts_per_step == base.rollout.prompts_per_step  # merged, not replaced
     assert cfg.algo.num_minibatches == 4  # from gspo, two presets up
-    assert dict(cfg.algo.loss) == {"clip_high": 5e-4}
+    assert cfg.algo.loss.overrides() == {"clip_high": 5e-4}
     assert cfg.resolved_loss().clip_low == POLICY_LOSS_DEFAULTS["gspo"].clip_low
 
 
@@ -118,7 +118,7 @@ def test_a_file_without_preset_starts_from_the_schema_defaults(tmp_path):
 
 def test_override_replaces_a_mapping_and_can_swap_the_preset():
     cfg = load_config("dr_grpo", ["algo.name=grpo", "algo.loss={}"])
-    assert cfg.algo.name == "grpo" and dict(cfg.algo.loss) == {}
+    assert cfg.algo.name == "grpo" and cfg.algo.loss.overrides() == {}
     assert load_config(None, ["preset=rloo"]) == load_config("rloo")
 
 
@@ -132,7 +132,7 @@ def test_unknown_preset_suggests_the_closest(tmp_path):
 def test_preset_cycle_is_detected(tmp_path, monkeypatch):
     _write(tmp_path, "preset: b\nseed: 1\n", "a.yaml")
     _write(tmp_path, "preset: a\n", "b.yaml")
-    monkeypatch.setattr(config_module, "_presets_dir", lambda: tmp_path)
+    monkeypatch.setattr(layers, "_presets_dir", lambda: tmp_path)
     message = _error(None, ["preset=a"])
     assert "preset cycle" in message and "'a' → 'b' → 'a'" in message
 
@@ -299,9 +299,9 @@ def test_to_yaml_round_trips(tmp_path, name):
 
 def test_loss_overrides_keep_only_explicit_fields():
     dapo = load_config("dapo_verl")
-    assert dict(dapo.algo.loss) == {} and "dual_clip_c" not in dapo.algo.loss
+    assert dapo.algo.loss.overrides() == {} and dapo.resolved_loss().dual_clip_c == 10.0
     off = load_config("dapo_verl", ["algo.loss.dual_clip_c=null"])
-    assert dict(off.algo.loss) == {"dual_clip_c": None}
+    assert off.algo.loss.overrides() == {"dual_clip_c": None}
     assert off != dapo  # an explicit None is not the same as leaving the preset's 10
     assert off.resolved_loss() == dataclasses.replace(
         POLICY_LOSS_DEFAULTS["dapo"], dual_clip_c=None
@@ -381,7 +381,7 @@ def test_fipo_presets_take_their_loss_from_core_fipo_presets():
 
     for preset, key in (("fipo", "official_32b"), ("fipo_7b", "7b"), ("fipo_swift", "ms_swift")):
         cfg = load_config(preset)
-        assert cfg.algo.fipo_preset == key and dict(cfg.algo.loss) == {}
+        assert cfg.algo.fipo_preset == key and cfg.algo.loss.overrides() == {}
         assert cfg.resolved_loss() == resolve_policy_loss_config("fipo", **FIPO_PRESETS[key])
         assert cfg.algo.num_minibatches * cfg.algo.ppo_epochs > 1  # off-policy by default
     # algo.loss still overrides the FIPO preset field by field
