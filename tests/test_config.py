@@ -8,7 +8,6 @@ from pydantic import ValidationError
 
 import seqrl.config.layers as layers
 from seqrl.config import (
-    PRESET_INFO,
     ConfigError,
     RunConfig,
     config_from_dict,
@@ -37,12 +36,12 @@ def _error(path=None, overrides=()) -> str:
 # --------------------------------------------------------------------------- presets
 
 
-def test_preset_files_match_preset_info():
+def test_every_preset_file_says_what_it_is_and_which_paper_it_follows():
     shipped = {p.name.removesuffix(".yaml") for p in layers._presets_dir().iterdir()}
-    assert shipped == set(PRESET_INFO) == set(PRESETS)
-    assert PRESETS[0] == "default"
-    for name, description, paper in list_presets():
-        assert description and paper.startswith("arXiv "), name
+    assert shipped == set(PRESETS)
+    assert PRESETS[0] == "default" and PRESETS[1:] == sorted(PRESETS[1:])
+    for name, summary, paper in list_presets():
+        assert summary and paper.startswith("arXiv "), f"{name}.yaml needs about: summary, paper"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -135,6 +134,27 @@ def test_preset_cycle_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(layers, "_presets_dir", lambda: tmp_path)
     message = _error(None, ["preset=a"])
     assert "preset cycle" in message and "'a' → 'b' → 'a'" in message
+
+
+def test_about_describes_a_file_and_sets_nothing(tmp_path):
+    text = "about:\n  summary: my sweep\n  paper: arXiv 2507.18071\npreset: gspo\n"
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg == load_config("gspo") and "about" not in cfg.model_dump()
+    assert load_config("gspo", ["about.summary=a note"]) == load_config("gspo")
+
+
+def test_a_misspelt_or_malformed_about_is_an_error(tmp_path):
+    message = _error(_write(tmp_path, "abuot:\n  summary: x\n"))
+    assert "unknown key 'abuot'; did you mean 'about'?" in message
+    path = _write(tmp_path, "about:\n  sumary: x\n", "sumary.yaml")
+    message = _error(path)
+    assert "unknown key 'about.sumary'; did you mean 'about.summary'?" in message
+    assert str(path) in message
+    assert "about: expected a mapping" in _error(_write(tmp_path, "about: my run\n", "s.yaml"))
+    assert "about.paper: expected a string" in _error(
+        _write(tmp_path, "about:\n  paper: [1]\n", "list.yaml")
+    )
+    assert "(override 'about.sumary=x')" in _error(None, ["about.sumary=x"])
 
 
 # --------------------------------------------------------------------------- overrides

@@ -15,7 +15,7 @@ Modules, each importing only those above it (checks names RunConfig in annotatio
 """
 
 from seqrl.config.checks import validate_warnings
-from seqrl.config.layers import DEFAULT_PRESET, PRESET_INFO, list_presets, parse_override
+from seqrl.config.layers import DEFAULT_PRESET, list_presets, parse_override
 from seqrl.config.loading import config_from_dict, load_config
 from seqrl.config.messages import CONFIG_ALIASES, ConfigError
 from seqrl.config.schema import (
@@ -37,7 +37,6 @@ from seqrl.config.schema import (
 __all__ = [
     "CONFIG_ALIASES",
     "DEFAULT_PRESET",
-    "PRESET_INFO",
     "AlgoConfig",
     "ConfigError",
     "CriticConfig",

@@ -12,6 +12,7 @@ override that set each leaf.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -25,78 +26,10 @@ from seqrl.core.losses import _closest
 DEFAULT_PRESET = "default"
 
 # Keys of a config file that are not RunConfig fields: consumed here, before validation.
-LAYER_KEYS = ("preset",)
-
-# name → (one-line description, paper). The YAML files under seqrl/presets hold only config.
-PRESET_INFO: dict[str, tuple[str, str]] = {
-    "default": (
-        "the embedded demo: GSPO on the built-in tiny model and 3-digit addition",
-        "arXiv 2507.18071",
-    ),
-    "grpo": (
-        "group-normalised advantages, per-sequence mean, k3 KL (β = 0.04) to a frozen reference",
-        "arXiv 2402.03300",
-    ),
-    "dapo": (
-        "as the paper: clip-higher [0.2, 0.28], token-mean, dynamic sampling, soft overlong "
-        "punishment, ±1 reward, no dual clip",
-        "arXiv 2503.14476",
-    ),
-    "dapo_verl": (
-        "DAPO as verl's recipe runs it (FIPO's baseline): `dapo` + dual clip 10, warm-up 10, "
-        "weight decay 0.1",
-        "arXiv 2503.14476, 2603.19835",
-    ),
-    "fipo": (
-        "FIPO, official 32B settings: future-KL weights [1.0, 1.2], τ 32, safety 10, drop rule, "
-        "8 minibatches, on dapo_verl",
-        "arXiv 2603.19835",
-    ),
-    "fipo_7b": ("FIPO's 7B pilot: weights [0.8, 1.2], safety 3.0", "arXiv 2603.19835"),
-    "fipo_swift": (
-        "FIPO with ms-swift's defaults: no ratio filter, dual clip or drop rule; safety 4.0",
-        "arXiv 2603.19835",
-    ),
-    "dr_grpo": (
-        "group-centred advantages, token sum / MAX_TOKENS (the generation budget)",
-        "arXiv 2503.20783",
-    ),
-    "gspo": (
-        "sequence-level ratio and clipping [3e-4, 4e-4], 4 minibatches per rollout",
-        "arXiv 2507.18071",
-    ),
-    "gspo_moe": (
-        "GSPO on the tiny MoE warm start, no Routing Replay; logs routing churn",
-        "arXiv 2507.18071",
-    ),
-    "grpo_moe_replay": (
-        "GRPO on the tiny MoE warm start with Routing Replay (R2); logs routing churn",
-        "arXiv 2507.18071",
-    ),
-    "gspo_token": (
-        "GSPO-token: sg[s_i]·π/sg[π] token ratios, same clipping as GSPO",
-        "arXiv 2507.18071",
-    ),
-    "rloo": ("leave-one-out baseline over the group, verl's clipped loss", "arXiv 2402.14740"),
-    "remax": (
-        "one sample per prompt, greedy-decoding baseline, verl's clipped loss",
-        "arXiv 2310.10505",
-    ),
-    "sppo": (
-        "one sample per prompt, A = R − V(prompt) from a scalar BCE critic (policy-sized), "
-        "clip 0.2, dual clip 3",
-        "arXiv 2604.08865",
-    ),
-    "sppo_small_critic": (
-        "SPPO with a decoupled critic smaller than the policy (built-in nano, random init)",
-        "arXiv 2604.08865",
-    ),
-    "ppo": (
-        "token critic, GAE γ = λ = 1, whitened, clipped value loss, critic warm-up (SPPO's baseline)",
-        "arXiv 1707.06347",
-    ),
-}
-
+# ``about: {summary: ..., paper: ...}`` describes the file (``seqrl presets`` lists the packaged
+# presets' own) and sets nothing; every preset has one, and a user's config may.
+LAYER_KEYS = ("preset", "about")
+ABOUT_KEYS = ("summary", "paper")
 
 # --------------------------------------------------------------------------- YAML
 
@@ -183,13 +116,15 @@ def preset_names() -> list[str]:
 
 
 def list_presets() -> list[tuple[str, str, str]]:
-    """(name, description, paper) of every packaged preset, default first."""
-    return [(name, *PRESET_INFO.get(name, ("", ""))) for name in _ordered_presets()]
-
-
-def _ordered_presets() -> list[str]:
+    """(name, summary, paper) of every packaged preset, from its ``about``; default first."""
     names = preset_names()
-    return [n for n in PRESET_INFO if n in names] + [n for n in names if n not in PRESET_INFO]
+    names.sort(key=lambda name: name != DEFAULT_PRESET)  # stable: the rest stay sorted
+    out = []
+    for name in names:
+        about = _read_preset(name, "the preset list").get("about")
+        about = about if isinstance(about, dict) else {}
+        out.append((name, str(about.get("summary", "")), str(about.get("paper", ""))))
+    return out
 
 
 def _read_preset(name: Any, needed_by: str) -> dict:
@@ -208,6 +143,7 @@ def _expand_presets(doc: dict, source: str, chain: tuple[str, ...], sources: dic
     """``doc`` merged over its preset chain; records the source of every leaf in ``sources``."""
     doc = dict(doc)
     preset = doc.pop("preset", None)
+    _check_about(doc.pop("about", None), {}, source)
     base: dict = {}
     if preset is not None:
         if preset in chain:
@@ -217,6 +153,33 @@ def _expand_presets(doc: dict, source: str, chain: tuple[str, ...], sources: dic
         base = _expand_presets(base, f"preset {preset!r}", (*chain, preset), sources)
     _record_sources(doc, (), source, sources)
     return _deep_merge(base, doc)
+
+
+def _check_about(about: Any, sources: dict, source: str) -> None:
+    """``about`` holds only the strings ``summary`` and ``paper``: anything else is an error, as
+    a misspelt key anywhere else is."""
+    if about is None:
+        return
+    if not isinstance(about, dict):
+        raise ConfigError(
+            f"about: expected a mapping of {' and '.join(ABOUT_KEYS)}, got {kind_of(about)} "
+            f"({sources.get(('about',), source)})"
+        )
+    problems = []
+    for key, value in about.items():
+        origin = sources.get(("about", str(key))) or sources.get(("about",), source)
+        if key not in ABOUT_KEYS:
+            match = difflib.get_close_matches(str(key).lower(), ABOUT_KEYS, n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean 'about.{match[0]}'?"
+                if match
+                else f" (valid keys under 'about': {', '.join(ABOUT_KEYS)})"
+            )
+            problems.append(f"unknown key 'about.{key}'{hint} ({origin})")
+        elif not isinstance(value, str):
+            problems.append(f"about.{key}: expected a string, got {kind_of(value)} ({origin})")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _deep_merge(base: dict, child: Mapping) -> dict:
@@ -293,6 +256,7 @@ def resolve_layers(
             _apply_override(merged, key, value, text)
             _forget_sources(sources, key)
             sources[key] = f"override {text!r}"
+    _check_about(merged.pop("about", None), sources, "the overrides")
     return merged, sources
 
 

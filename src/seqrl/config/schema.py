@@ -34,8 +34,7 @@ from seqrl.config.layers import LAYER_KEYS, dump_yaml, resolve_layers
 from seqrl.config.messages import ConfigError, describe
 from seqrl.core.fipo import FIPO_PRESETS
 from seqrl.core.losses import (
-    POLICY_LOSS_DEFAULTS,
-    POLICY_LOSS_NAMES,
+    POLICY_LOSSES,
     PolicyLossConfig,
     _closest,
     resolve_policy_loss_config,
@@ -207,7 +206,7 @@ class MismatchConfig(_Section):
 
 
 class AlgoConfig(_Section):
-    name: str = "gspo"  # one of seqrl.core.POLICY_LOSS_NAMES
+    name: str = "gspo"  # one of seqrl.core.POLICY_LOSSES
     # sppo = R − V(prompt) from critic.kind=scalar; gae = GAE from critic.kind=token
     advantage: Literal["group", "group_centered", "rloo", "remax", "sppo", "gae"] = "group"
     adv_eps: float = Field(1e-6, ge=0)
@@ -225,10 +224,10 @@ class AlgoConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_algorithm(cls, name: str) -> str:
-        if name not in POLICY_LOSS_DEFAULTS:
+        if name not in POLICY_LOSSES:
             raise ValueError(
-                f"unknown algorithm {name!r}{_closest(name, POLICY_LOSS_NAMES)} "
-                f"(choose one of {', '.join(POLICY_LOSS_NAMES)})"
+                f"unknown algorithm {name!r}{_closest(name, POLICY_LOSSES)} "
+                f"(choose one of {', '.join(POLICY_LOSSES)})"
             )
         return name
 
