@@ -4,6 +4,8 @@ Written only from ``/work/shared/spec/algorithms.md`` and the public API descrip
 the fast code. Every function loops over rows and time steps in plain Python and does its
 arithmetic on 0-d torch tensors, element by element, so that autograd runs through the
 reference as well and gradients can be compared with the vectorised implementation.
+The one exception is :func:`future_kl_quadratic`, the FIPO paper's own (vectorised, O(L²))
+method, kept here as a parity reference and as the baseline of ``benchmarks/future_kl.py``.
 
 Conventions: ``mask`` is a bool ``[B, T]`` tensor (True = valid response token); losses are
 minimised (``loss = -J``); positions with ``mask == False`` are skipped entirely, so whatever
@@ -441,6 +443,27 @@ def ref_future_kl_scan(log_ratio, mask, decay_rate, dual_clip_c=None):
             row[t] = running if _valid(mask, i, t) else _zero(log_ratio)
         rows.append(row)
     return _stack_matrix(rows)
+
+
+def future_kl_quadratic(log_ratio, mask, *, decay_rate=32.0, dual_clip_c=None, chunk_size=128):
+    """The FIPO paper's App. G method: F = (M·Δ) @ Uᵀ by column chunks of the [L, L] decay matrix.
+
+    U[t, k] = γ^(k−t) for k ≥ t, else 0; O(B·L²) time, O(B·L + L·K) memory. Vectorised (unlike the
+    loops above) so that ``benchmarks/future_kl.py`` can time it at paper lengths as the baseline
+    of ``seqrl.core.future_kl``; the tests hold it to the loops.
+    """
+    keep = mask if dual_clip_c is None else mask & (log_ratio <= math.log(dual_clip_c))
+    shifts = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))  # [B, L]  M_k Δ_k
+    L = shifts.shape[1]
+    gamma = torch.tensor(2.0 ** (-1.0 / decay_rate), dtype=torch.float64, device=shifts.device)
+    out = torch.zeros_like(shifts)  # [B, L]
+    query = torch.arange(L, device=shifts.device)[:, None]  # [L, 1]
+    for start in range(0, L, chunk_size):
+        future = torch.arange(start, min(start + chunk_size, L), device=shifts.device)[None, :]
+        dist = future - query  # [L, K']  k − t
+        weights = (gamma.pow(dist.clamp(min=0).double()) * (dist >= 0)).to(shifts.dtype)
+        out = out + shifts[:, start : start + chunk_size] @ weights.T  # [B, K'] @ [K', L]
+    return torch.where(mask, out, torch.zeros_like(out))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import seqrl.config as config_module
+import seqrl.config.layers as layers
 from seqrl.config import (
-    PRESET_INFO,
     ConfigError,
     RunConfig,
     config_from_dict,
@@ -37,12 +36,12 @@ def _error(path=None, overrides=()) -> str:
 # --------------------------------------------------------------------------- presets
 
 
-def test_preset_files_match_preset_info():
-    shipped = {p.name.removesuffix(".yaml") for p in config_module._presets_dir().iterdir()}
-    assert shipped == set(PRESET_INFO) == set(PRESETS)
-    assert PRESETS[0] == "default"
-    for name, description, paper in list_presets():
-        assert description and paper.startswith("arXiv "), name
+def test_every_preset_file_says_what_it_is_and_which_paper_it_follows():
+    shipped = {p.name.removesuffix(".yaml") for p in layers._presets_dir().iterdir()}
+    assert shipped == set(PRESETS)
+    assert PRESETS[0] == "default" and PRESETS[1:] == sorted(PRESETS[1:])
+    for name, summary, paper in list_presets():
+        assert summary and paper.startswith("arXiv "), f"{name}.yaml needs about: summary, paper"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -106,7 +105,7 @@ def test_preset_inheritance_deep_merges_child_wins(tmp_path):
     assert cfg.rollout.group_size == 4
     assert cfg.rollout.prompts_per_step == base.rollout.prompts_per_step  # merged, not replaced
     assert cfg.algo.num_minibatches == 4  # from gspo, two presets up
-    assert dict(cfg.algo.loss) == {"clip_high": 5e-4}
+    assert cfg.algo.loss.overrides() == {"clip_high": 5e-4}
     assert cfg.resolved_loss().clip_low == POLICY_LOSS_DEFAULTS["gspo"].clip_low
 
 
@@ -118,7 +117,7 @@ def test_a_file_without_preset_starts_from_the_schema_defaults(tmp_path):
 
 def test_override_replaces_a_mapping_and_can_swap_the_preset():
     cfg = load_config("dr_grpo", ["algo.name=grpo", "algo.loss={}"])
-    assert cfg.algo.name == "grpo" and dict(cfg.algo.loss) == {}
+    assert cfg.algo.name == "grpo" and cfg.algo.loss.overrides() == {}
     assert load_config(None, ["preset=rloo"]) == load_config("rloo")
 
 
@@ -132,9 +131,30 @@ def test_unknown_preset_suggests_the_closest(tmp_path):
 def test_preset_cycle_is_detected(tmp_path, monkeypatch):
     _write(tmp_path, "preset: b\nseed: 1\n", "a.yaml")
     _write(tmp_path, "preset: a\n", "b.yaml")
-    monkeypatch.setattr(config_module, "_presets_dir", lambda: tmp_path)
+    monkeypatch.setattr(layers, "_presets_dir", lambda: tmp_path)
     message = _error(None, ["preset=a"])
     assert "preset cycle" in message and "'a' → 'b' → 'a'" in message
+
+
+def test_about_describes_a_file_and_sets_nothing(tmp_path):
+    text = "about:\n  summary: my sweep\n  paper: arXiv 2507.18071\npreset: gspo\n"
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg == load_config("gspo") and "about" not in cfg.model_dump()
+    assert load_config("gspo", ["about.summary=a note"]) == load_config("gspo")
+
+
+def test_a_misspelt_or_malformed_about_is_an_error(tmp_path):
+    message = _error(_write(tmp_path, "abuot:\n  summary: x\n"))
+    assert "unknown key 'abuot'; did you mean 'about'?" in message
+    path = _write(tmp_path, "about:\n  sumary: x\n", "sumary.yaml")
+    message = _error(path)
+    assert "unknown key 'about.sumary'; did you mean 'about.summary'?" in message
+    assert str(path) in message
+    assert "about: expected a mapping" in _error(_write(tmp_path, "about: my run\n", "s.yaml"))
+    assert "about.paper: expected a string" in _error(
+        _write(tmp_path, "about:\n  paper: [1]\n", "list.yaml")
+    )
+    assert "(override 'about.sumary=x')" in _error(None, ["about.sumary=x"])
 
 
 # --------------------------------------------------------------------------- overrides
@@ -299,9 +319,9 @@ def test_to_yaml_round_trips(tmp_path, name):
 
 def test_loss_overrides_keep_only_explicit_fields():
     dapo = load_config("dapo_verl")
-    assert dict(dapo.algo.loss) == {} and "dual_clip_c" not in dapo.algo.loss
+    assert dapo.algo.loss.overrides() == {} and dapo.resolved_loss().dual_clip_c == 10.0
     off = load_config("dapo_verl", ["algo.loss.dual_clip_c=null"])
-    assert dict(off.algo.loss) == {"dual_clip_c": None}
+    assert off.algo.loss.overrides() == {"dual_clip_c": None}
     assert off != dapo  # an explicit None is not the same as leaving the preset's 10
     assert off.resolved_loss() == dataclasses.replace(
         POLICY_LOSS_DEFAULTS["dapo"], dual_clip_c=None
@@ -381,7 +401,7 @@ def test_fipo_presets_take_their_loss_from_core_fipo_presets():
 
     for preset, key in (("fipo", "official_32b"), ("fipo_7b", "7b"), ("fipo_swift", "ms_swift")):
         cfg = load_config(preset)
-        assert cfg.algo.fipo_preset == key and dict(cfg.algo.loss) == {}
+        assert cfg.algo.fipo_preset == key and cfg.algo.loss.overrides() == {}
         assert cfg.resolved_loss() == resolve_policy_loss_config("fipo", **FIPO_PRESETS[key])
         assert cfg.algo.num_minibatches * cfg.algo.ppo_epochs > 1  # off-policy by default
     # algo.loss still overrides the FIPO preset field by field

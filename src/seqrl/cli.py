@@ -19,32 +19,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-# One line and the paper for every policy-loss preset in seqrl.core.
-LOSS_PRESET_INFO: dict[str, tuple[str, str]] = {
-    "ppo": (
-        "token-level PPO clipped surrogate (pair with GAE and a token critic)",
-        "arXiv 1707.06347",
-    ),
-    "grpo": (
-        "group-normalised advantages, per-sequence mean, k3 KL in the loss",
-        "arXiv 2402.03300",
-    ),
-    "dapo": ("clip-higher [0.2, 0.28], token-mean, dual clip 10", "arXiv 2503.14476"),
-    "dr_grpo": ("group-centred advantages, token sum / MAX_TOKENS", "arXiv 2503.20783"),
-    "gspo": ("sequence-level length-normalised ratio and clipping", "arXiv 2507.18071"),
-    "gspo_token": (
-        "GSPO with sg[s_i]·π/sg[π] token ratios for per-token advantages",
-        "arXiv 2507.18071",
-    ),
-    "sppo": (
-        "token PPO on R − V(prompt) from a scalar BCE critic, one sample per prompt",
-        "arXiv 2604.08865",
-    ),
-    "fipo": ("DAPO with detached future-KL influence weights on the advantage", "arXiv 2603.19835"),
-    "rloo": ("leave-one-out baseline, verl's clipped form", "arXiv 2402.14740"),
-    "remax": ("greedy-decoding baseline, verl's clipped form", "arXiv 2310.10505"),
-}
-
 
 @app.callback()
 def _quiet_transformers() -> None:
@@ -186,40 +160,64 @@ def make_model(
 
 
 @app.command()
-def presets() -> None:
+def presets(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print the two tables as markdown, for the docs")
+    ] = False,
+) -> None:
     """List the run presets and the policy-loss presets, with their papers and defaults."""
     from seqrl.config import list_presets
-    from seqrl.core import FIPO_PRESETS, POLICY_LOSS_DEFAULTS
+    from seqrl.core import FIPO_PRESETS, POLICY_LOSSES
 
+    runs = [(name, paper, summary) for name, summary, paper in list_presets()]
+    losses = [(name, p.paper, p.summary) for name, p in POLICY_LOSSES.items()]
+    if markdown:
+        typer.echo(_markdown_table(("run preset", "paper", "summary"), runs))
+        typer.echo()
+        typer.echo(_markdown_table(("policy loss", "paper", "summary"), losses))
+        return
     console = Console(markup=False)  # names such as sg[π] are text, not rich markup
-    runs = Table(title="run presets (seqrl train --set preset=NAME, or `preset: NAME` in a YAML)")
-    for column in ("name", "paper", "description"):
-        runs.add_column(column)
-    for name, description, paper in list_presets():
-        runs.add_row(name, paper, description)
-    console.print(runs)
-    about = Table(title="seqrl.core.policy_loss presets")
-    for column in ("name", "paper", "description"):
-        about.add_column(column)
-    defaults = Table(title="policy_loss defaults (explicit keyword arguments override them)")
-    for column in ("name", "ratio", "clip [low, high]", "dual c", "aggregation", "KL β"):
-        defaults.add_column(column)
-    for name, cfg in POLICY_LOSS_DEFAULTS.items():
-        description, paper = LOSS_PRESET_INFO[name]
-        about.add_row(name, paper, description)
-        defaults.add_row(
+    title = "run presets (seqrl train --set preset=NAME, or `preset: NAME` in a YAML)"
+    console.print(_table(title, ("name", "paper", "description"), runs))
+    console.print(
+        _table("seqrl.core.policy_loss presets", ("name", "paper", "description"), losses)
+    )
+    defaults = [
+        (
             name,
-            cfg.ratio_level,
-            f"[{_fmt(cfg.clip_low)}, {_fmt(cfg.clip_high)}]",
-            _fmt(cfg.dual_clip_c),
-            cfg.agg,
-            _fmt(cfg.kl_coef),
+            p.defaults.ratio_level,
+            f"[{_fmt(p.defaults.clip_low)}, {_fmt(p.defaults.clip_high)}]",
+            _fmt(p.defaults.dual_clip_c),
+            p.defaults.agg,
+            _fmt(p.defaults.kl_coef),
         )
-    console.print(about)
-    console.print(defaults)
+        for name, p in POLICY_LOSSES.items()
+    ]
+    columns = ("name", "ratio", "clip [low, high]", "dual c", "aggregation", "KL β")
+    title = "policy_loss defaults (explicit keyword arguments override them)"
+    console.print(_table(title, columns, defaults))
     console.print(
         f"FIPO settings, policy_loss('fipo', **FIPO_PRESETS[key]): {', '.join(FIPO_PRESETS)}"
     )
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        # names stay whole in a narrow terminal; long words elsewhere fold rather than truncate
+        table.add_column(column, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A markdown table; the first column (a name) in backticks."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, *rest in rows:
+        cells = [f"`{name}`", *(text.replace("|", "\\|") for text in rest)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import torch
 from torch.testing import assert_close
 
 import seqrl.core as C
+from reference import future_kl_quadratic
 
 DT = torch.float64
 TOL = dict(rtol=1e-12, atol=1e-14)
@@ -207,7 +208,7 @@ def test_fixture_future_kl_three_tokens_half_decay():
     delta = _t([[0.1, -0.3, 0.2, 5.0], [0.4, math.log(12.0), 0.8, -5.0]])
     mask = torch.tensor([[True, True, True, False]] * 2)
     expected = _t([[0.0, -0.2, 0.2, 0.0], [0.6, 0.4, 0.8, 0.0]])
-    for fn in (C.future_kl, C.future_kl_quadratic):
+    for fn in (C.future_kl, future_kl_quadratic):
         F = fn(delta, mask, decay_rate=1.0, dual_clip_c=10.0)
         assert_close(F, expected, rtol=1e-12, atol=1e-15)
     # without the filter row1 keeps ln 12: F1 = ln 12 + 0.4, F0 = 0.4 + 0.5·(ln 12 + 0.4)

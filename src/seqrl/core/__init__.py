@@ -28,7 +28,9 @@ from seqrl.core.logprobs import token_entropy, token_logprobs
 from seqrl.core.losses import (
     POLICY_LOSS_DEFAULTS,
     POLICY_LOSS_NAMES,
+    POLICY_LOSSES,
     LossOutput,
+    LossPreset,
     PolicyLossConfig,
     bce_value_loss,
     clipped_policy_loss,
@@ -62,7 +64,6 @@ from seqrl.core.returns import (
     decay_from_rate,
     discounted_reverse_cumsum,
     future_kl,
-    future_kl_quadratic,
 )
 from seqrl.core.routing import (
     expert_load,
@@ -78,9 +79,11 @@ __all__ = [
     "KL_ESTIMATORS",
     "MISMATCH_LEVELS",
     "MISMATCH_MODES",
+    "POLICY_LOSSES",
     "POLICY_LOSS_DEFAULTS",
     "POLICY_LOSS_NAMES",
     "LossOutput",
+    "LossPreset",
     "PolicyLossConfig",
     "aggregate",
     "bce_value_loss",
@@ -94,7 +97,6 @@ __all__ = [
     "dual_clip_drop_mask",
     "expert_load",
     "future_kl",
-    "future_kl_quadratic",
     "gae_advantages",
     "group_advantages",
     "group_centered_advantages",

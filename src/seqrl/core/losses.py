@@ -1,7 +1,7 @@
 """Policy and value losses: ``policy_loss(name, ...)`` → ``LossOutput(loss, metrics)``.
 
 Every policy loss is one clipped surrogate (:func:`seqrl.core.ratios.clipped_surrogate`) with a
-few independent choices, and each algorithm name is a preset of them (:data:`POLICY_LOSS_DEFAULTS`):
+few independent choices, and each algorithm name is a preset of them (:data:`POLICY_LOSSES`):
 
 - ratio level: ``token`` w_t = π_θ/π_old (PPO, GRPO, DAPO, SPPO, FIPO, RLOO, ReMax);
   ``sequence`` s_i = exp(mean_t log π_θ/π_old) broadcast to the tokens (GSPO Eq. 7);
@@ -103,28 +103,73 @@ _GSPO = dataclasses.replace(
 )
 _DAPO = dataclasses.replace(_TOKEN, clip_high=0.28, dual_clip_c=10.0)
 
-POLICY_LOSS_DEFAULTS: dict[str, PolicyLossConfig] = {
-    # PPO (arXiv 1707.06347) as verl runs it: token ratio, ε = 0.2, dual clip 3, token-mean.
-    "ppo": _VERL_VANILLA,
-    # GRPO (arXiv 2402.03300, Eq. 3): per-sequence mean, k3 KL in the loss with β = 0.04.
-    "grpo": dataclasses.replace(_TOKEN, agg="seq-mean-token-mean", kl_coef=0.04),
-    # DAPO (arXiv 2503.14476): clip-higher [0.2, 0.28], token-mean, dual clip 10 (verl script).
-    "dapo": _DAPO,
-    # Dr. GRPO (arXiv 2503.20783): token sum / MAX_TOKENS per sequence, mean over sequences.
-    "dr_grpo": dataclasses.replace(_TOKEN, agg="seq-mean-token-sum-norm"),
-    # GSPO (arXiv 2507.18071, Eq. 5): sequence ratio, clip [3e-4, 4e-4] (§5.1), per-sequence mean.
-    "gspo": _GSPO,
-    # GSPO-token (Eqs. 13–17): sg[s_i]·π/sg[π], same clip and aggregation.
-    "gspo_token": dataclasses.replace(_GSPO, ratio_level="sequence_token"),
-    # SPPO (arXiv 2604.08865, Eq. 3): token-level PPO on R − V(prompt); verl vanilla defaults.
-    "sppo": _VERL_VANILLA,
-    # FIPO (arXiv 2603.19835): DAPO with future-KL influence weights; official 32B settings.
-    "fipo": dataclasses.replace(_DAPO, future_kl_weights=True, drop_dual_clipped_sequences=True),
-    # RLOO (arXiv 2402.14740) and ReMax (arXiv 2310.10505) in verl's clipped form.
-    "rloo": _VERL_VANILLA,
-    "remax": _VERL_VANILLA,
+
+@dataclass(frozen=True)
+class LossPreset:
+    """One policy-loss name: its defaults, a one-line summary and the paper it follows."""
+
+    defaults: PolicyLossConfig
+    summary: str
+    paper: str
+
+
+# The catalogue of policy-loss names: ``seqrl presets``, its docs table and config hints read it.
+POLICY_LOSSES: dict[str, LossPreset] = {
+    "ppo": LossPreset(
+        _VERL_VANILLA,
+        "token-level PPO clipped surrogate as verl runs it: ε = 0.2, dual clip 3, token-mean "
+        "(pair with GAE and a token critic)",
+        "arXiv 1707.06347",
+    ),
+    "grpo": LossPreset(
+        dataclasses.replace(_TOKEN, agg="seq-mean-token-mean", kl_coef=0.04),
+        "group-normalised advantages, per-sequence mean (Eq. 3), k3 KL in the loss with β = 0.04",
+        "arXiv 2402.03300",
+    ),
+    "dapo": LossPreset(
+        _DAPO,
+        "clip-higher [0.2, 0.28], token-mean, dual clip 10 (from verl's script)",
+        "arXiv 2503.14476",
+    ),
+    "dr_grpo": LossPreset(
+        dataclasses.replace(_TOKEN, agg="seq-mean-token-sum-norm"),
+        "group-centred advantages, token sum / MAX_TOKENS per sequence, mean over sequences",
+        "arXiv 2503.20783",
+    ),
+    "gspo": LossPreset(
+        _GSPO,
+        "sequence-level length-normalised ratio, clip [3e-4, 4e-4] (§5.1), per-sequence mean "
+        "(Eq. 5)",
+        "arXiv 2507.18071",
+    ),
+    "gspo_token": LossPreset(
+        dataclasses.replace(_GSPO, ratio_level="sequence_token"),
+        "GSPO-token (Eqs. 13–17): sg[s_i]·π/sg[π] token ratios for per-token advantages, GSPO's "
+        "clip and aggregation",
+        "arXiv 2507.18071",
+    ),
+    "sppo": LossPreset(
+        _VERL_VANILLA,
+        "token PPO on R − V(prompt) from a scalar BCE critic, one sample per prompt (Eq. 3); "
+        "verl's vanilla defaults",
+        "arXiv 2604.08865",
+    ),
+    "fipo": LossPreset(
+        dataclasses.replace(_DAPO, future_kl_weights=True, drop_dual_clipped_sequences=True),
+        "DAPO with detached future-KL influence weights on the advantage; official 32B settings",
+        "arXiv 2603.19835",
+    ),
+    "rloo": LossPreset(
+        _VERL_VANILLA, "leave-one-out baseline, verl's clipped form", "arXiv 2402.14740"
+    ),
+    "remax": LossPreset(
+        _VERL_VANILLA, "greedy-decoding baseline, verl's clipped form", "arXiv 2310.10505"
+    ),
 }
-POLICY_LOSS_NAMES: tuple[str, ...] = tuple(POLICY_LOSS_DEFAULTS)
+POLICY_LOSS_DEFAULTS: dict[str, PolicyLossConfig] = {
+    name: preset.defaults for name, preset in POLICY_LOSSES.items()
+}
+POLICY_LOSS_NAMES: tuple[str, ...] = tuple(POLICY_LOSSES)
 
 
 # Names other frameworks use for our hyperparameters (verl, TRL, ms-swift), for error hints.

@@ -5,9 +5,9 @@
 :func:`discounted_reverse_cumsum` computes it exactly in O(B·T·K) time with a chunked scan: each
 chunk of K positions is one [K, K] matmul against the upper-triangular decay matrix, and the
 chunks are linked by the same scan on the chunk totals with discount γ^K, applied recursively.
-For a fixed chunk size that is linear in T, unlike the paper's App. G listing
-(:func:`future_kl_quadratic`, O(B·T²)), which is kept as the parity reference and the benchmark
-baseline.
+For a fixed chunk size that is linear in T, unlike the paper's App. G listing (column chunks of
+an [L, L] decay matrix, O(B·T²)), which the tests keep as a parity reference and the benchmark
+baseline (``tests/reference.py``).
 """
 
 from __future__ import annotations
@@ -97,29 +97,4 @@ def future_kl(
     """
     shifts = _masked_shifts(log_ratio, mask, dual_clip_c)  # [B, T]  D = M·Δ
     out = discounted_reverse_cumsum(shifts, decay_from_rate(decay_rate), chunk_size=chunk_size)
-    return torch.where(mask, out, torch.zeros_like(out))
-
-
-def future_kl_quadratic(
-    log_ratio: Tensor,
-    mask: Tensor,
-    *,
-    decay_rate: float = 32.0,
-    dual_clip_c: float | None = None,
-    chunk_size: int = 128,
-) -> Tensor:
-    """The FIPO paper's App. G method: column chunks of an [L, L] decay matrix, O(B·L²) time.
-
-    Same result as :func:`future_kl`; kept for parity tests and as the benchmark baseline.
-    """
-    shifts = _masked_shifts(log_ratio, mask, dual_clip_c)  # [B, L]
-    L = shifts.shape[1]
-    gamma = decay_from_rate(decay_rate)
-    out = torch.zeros_like(shifts)  # [B, L]
-    query = torch.arange(L, device=shifts.device)[:, None]  # [L, 1]
-    for start in range(0, L, chunk_size):
-        future = torch.arange(start, min(start + chunk_size, L), device=shifts.device)[None, :]
-        dist = future - query  # [L, K']
-        weights = _powers(gamma, dist.clamp(min=0), shifts) * (dist >= 0)
-        out = out + shifts[:, start : start + chunk_size] @ weights.T  # [B, K'] @ [K', L]
     return torch.where(mask, out, torch.zeros_like(out))

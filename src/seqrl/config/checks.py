@@ -1,0 +1,246 @@
+"""Checks across config sections: problems that make a config invalid, and warnings.
+
+:func:`cross_field_problems` runs when a :class:`~seqrl.config.schema.RunConfig` is validated
+(each problem becomes a :class:`~seqrl.config.messages.ConfigError` line); :func:`validate_warnings`
+lists settings that run but are probably not what was meant (the CLI prints them). Every message
+names its dotted keys and, where there is one, the setting that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from seqrl.core.losses import POLICY_LOSS_DEFAULTS, resolve_policy_loss_config
+
+if TYPE_CHECKING:  # annotations only: the schema imports this module
+    from seqrl.config.schema import RunConfig, TaskConfig
+
+# Policy-loss name / advantage estimator → the critic kind it learns its advantage from.
+CRITIC_ALGOS = {"sppo": "scalar", "ppo": "token"}
+CRITIC_ADVANTAGES = {"sppo": "scalar", "gae": "token"}
+_CRITIC_WHAT = {
+    "scalar": "a scalar prompt critic, A = R − V(prompt)",
+    "token": "GAE over a token critic",
+}
+
+
+def cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Checks that span sections; each message names its dotted keys."""
+    if cfg.algo.fipo_preset is not None and cfg.algo.name != "fipo":
+        return [
+            f"algo.fipo_preset={cfg.algo.fipo_preset!r} only applies to algo.name='fipo', "
+            f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
+        ]
+    problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
+    if cfg.task.name == "file" and not (cfg.task.train_file and cfg.task.test_file):
+        problems.append(
+            "task.name='file' needs task.train_file and task.test_file (the held-out problems "
+            "for evaluation; they may be the same file if you have no separate split)"
+        )
+    if cfg.rollout.engine == "vllm" and cfg.device == "cpu":
+        problems.append(
+            "rollout.engine='vllm' needs a CUDA GPU, but device='cpu': use rollout.engine=hf "
+            "on CPU, or device=auto/cuda on a GPU machine"
+        )
+    if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
+        problems.append(
+            "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
+            f"averages the other samples of the prompt), got {cfg.rollout.group_size}"
+        )
+    if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
+        problems.append(
+            "moe.routing_replay records the old policy's routing while it recomputes the old "
+            "log-probs, so it needs rollout.old_logprobs_source='recompute'"
+        )
+    if cfg.moe.routing_replay and cfg.model.gradient_checkpointing:
+        problems.append(
+            "moe.routing_replay cannot be combined with model.gradient_checkpointing (the "
+            "recomputed forward would route by itself): turn one of them off"
+        )
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if batch % cfg.algo.num_minibatches:
+        divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+        problems.append(
+            f"rollout.prompts_per_step × rollout.group_size = {batch} sequences do not split into "
+            f"algo.num_minibatches={cfg.algo.num_minibatches} equal minibatches "
+            f"(divisors of {batch}: {', '.join(map(str, divisors))})"
+        )
+    return problems
+
+
+def _loss_problems(cfg: RunConfig) -> list[str]:
+    """Validate algo.loss against the core preset, with hints in config terms."""
+    name, overrides = cfg.algo.name, cfg.loss_overrides()
+    merged = dataclasses.replace(POLICY_LOSS_DEFAULTS[name], **overrides)
+    if merged.agg == "seq-mean-token-sum-norm" and merged.max_tokens is None:
+        budget = cfg.rollout.max_new_tokens
+        if budget is not None:
+            fix = f"set algo.loss.max_tokens={budget} (= rollout.max_new_tokens)"
+        else:
+            budget = _task_budget(cfg.task)
+            value = budget if budget is not None else "<generation budget>"
+            fix = f"set algo.loss.max_tokens={value} and rollout.max_new_tokens={value}"
+        return [
+            f"algo.loss.max_tokens is required: {name!r} aggregates with seq-mean-token-sum-norm, "
+            "which divides by the training-wide generation budget (Dr. GRPO's MAX_TOKENS); " + fix
+        ]
+    if merged.agg != "seq-mean-token-sum-norm" and merged.max_tokens is not None:
+        return [
+            f"algo.loss.max_tokens={merged.max_tokens:g} only applies to "
+            f"agg='seq-mean-token-sum-norm' (Dr. GRPO), not {merged.agg!r}; "
+            "set algo.loss.max_tokens=null"
+        ]
+    problems = []
+    for key, value, ok, rule in (
+        (
+            "max_tokens",
+            merged.max_tokens,
+            merged.max_tokens is None or merged.max_tokens > 0,
+            "> 0",
+        ),
+        ("kl_coef", merged.kl_coef, merged.kl_coef >= 0, ">= 0"),
+        (
+            "log_ratio_clamp",
+            merged.log_ratio_clamp,
+            merged.log_ratio_clamp is None or merged.log_ratio_clamp > 0,
+            "> 0 (or null)",
+        ),
+    ):
+        if not ok:
+            problems.append(f"algo.loss.{key} must be {rule}, got {value}")
+    if not problems:
+        try:
+            resolve_policy_loss_config(name, **overrides)
+        except (TypeError, ValueError) as err:
+            problems.append(f"algo.loss (algo.name={name!r}): {err}")
+    return problems
+
+
+def _shaping_problems(cfg: RunConfig) -> list[str]:
+    """The soft overlong window must fit in the generation budget."""
+    buffer = cfg.reward.overlong_buffer
+    if buffer is None:
+        return []
+    budget = cfg.rollout.max_new_tokens or _task_budget(cfg.task)
+    if budget is not None and buffer > budget:
+        return [
+            f"reward.overlong_buffer={buffer} exceeds the generation budget {budget} "
+            "(rollout.max_new_tokens, or the task's): the penalty window L_cache must lie inside "
+            "it; lower reward.overlong_buffer or raise rollout.max_new_tokens"
+        ]
+    return []
+
+
+def _critic_problems(cfg: RunConfig) -> list[str]:
+    out, kind, name, adv = [], cfg.critic.kind, cfg.algo.name, cfg.algo.advantage
+    if name in CRITIC_ALGOS and kind != CRITIC_ALGOS[name]:
+        need = CRITIC_ALGOS[name]
+        estimator = next(a for a, k in CRITIC_ADVANTAGES.items() if k == need)
+        out.append(
+            f"algo.name={name!r} learns its advantage from {_CRITIC_WHAT[need]}, but "
+            f"critic.kind={kind!r}: set critic.kind={need} and algo.advantage={estimator} "
+            f"(or start from `preset: {name}`)"
+        )
+    elif name in CRITIC_ALGOS and adv != next(a for a, k in CRITIC_ADVANTAGES.items() if k == kind):
+        estimator = next(a for a, k in CRITIC_ADVANTAGES.items() if k == kind)
+        out.append(f"algo.name={name!r} needs algo.advantage={estimator}, got {adv!r}")
+    elif adv in CRITIC_ADVANTAGES and kind != CRITIC_ADVANTAGES[adv]:
+        out.append(
+            f"algo.advantage={adv!r} needs critic.kind={CRITIC_ADVANTAGES[adv]} "
+            f"({_CRITIC_WHAT[CRITIC_ADVANTAGES[adv]]}), got critic.kind={kind!r}"
+        )
+    elif kind != "none" and adv not in CRITIC_ADVANTAGES:
+        out.append(
+            f"critic.kind={kind!r} but algo.advantage={adv!r} does not use a critic: set "
+            "critic.kind=none, or algo.advantage=sppo (scalar) / gae (token)"
+        )
+    if cfg.critic.lora and not cfg.model.lora.r:
+        out.append("critic.lora=true uses model.lora's settings: set model.lora.r > 0 (e.g. 8)")
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    minibatches = cfg.critic.num_minibatches
+    if kind != "none" and minibatches is not None and batch % minibatches:
+        out.append(
+            f"{batch} sequences per step do not split into critic.num_minibatches={minibatches} "
+            "equal minibatches"
+        )
+    return out
+
+
+def _task_budget(task: TaskConfig) -> int | None:
+    """The task's own generation budget, for a hint; None when the task cannot be built."""
+    if task.name == "file":
+        return None  # loading the files is the trainer's job, not validation's
+    try:
+        return int(task.build().max_new_tokens)
+    except Exception:  # only a hint: any failure falls back to a placeholder
+        return None
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def validate_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that run but are probably not what was meant (the CLI prints them)."""
+    loss = cfg.resolved_loss()
+    name = cfg.algo.name
+    out = []
+    sequence_ratio = loss.ratio_level != "token"
+    if sequence_ratio and loss.agg != "seq-mean-token-mean":
+        out.append(
+            f"algo.loss.agg={loss.agg!r} with {name}'s sequence-level ratio: GSPO averages "
+            "each sequence's token terms (seq-mean-token-mean, Eq. 5); token-summed or "
+            "token-mean aggregation re-weights sequences by their length"
+        )
+    if sequence_ratio and max(loss.clip_low, loss.clip_high) >= 0.1:
+        out.append(
+            f"algo.loss.clip_low/clip_high = {loss.clip_low:g}/{loss.clip_high:g} with {name}'s "
+            "sequence-level ratio: GSPO's ranges are ~3e-4/4e-4 (§5.1); the length-normalised "
+            "sequence ratio stays so close to 1 that a token-scale range almost never clips"
+        )
+    on_policy = (
+        cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1
+        and cfg.rollout.old_logprobs_source == "recompute"
+    )
+    if on_policy and (sequence_ratio or loss.future_kl_weights):
+        what = "FIPO's future-KL weights are all 1 and " if loss.future_kl_weights else ""
+        out.append(
+            f"{name} is fully on-policy (algo.num_minibatches × algo.ppo_epochs = 1 with "
+            "rollout.old_logprobs_source='recompute'): the importance ratio is exactly 1, so "
+            f"{what}clipping never acts; use algo.num_minibatches > 1 (GSPO uses 4)"
+        )
+    if cfg.moe.routing_replay and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
+        out.append(
+            "moe.routing_replay with one update per rollout (algo.num_minibatches × "
+            "algo.ppo_epochs = 1): θ = θ_old in the only forward, so there is nothing to replay"
+        )
+    budget = cfg.rollout.max_new_tokens
+    if loss.max_tokens is not None and budget is not None and loss.max_tokens != budget:
+        out.append(
+            f"algo.loss.max_tokens={loss.max_tokens:g} differs from rollout.max_new_tokens="
+            f"{budget}: Dr. GRPO's MAX_TOKENS is the generation budget; change them together"
+        )
+    if cfg.algo.advantage == "sppo" and cfg.rollout.group_size > 1:  # critic warning
+        out.append(
+            f"SPPO with rollout.group_size={cfg.rollout.group_size}: the paper samples one "
+            "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
+            "cost rollout time without changing the estimator"
+        )
+    if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
+        out.append(
+            f"algo.mismatch.correction={cfg.algo.mismatch.correction!r} with "
+            "rollout.old_logprobs_source='sampler': π_old is then the sampler's μ, the mismatch "
+            "ratio π_old/μ is exactly 1 and the correction does nothing; use "
+            "old_logprobs_source=recompute, or algo.mismatch.correction=none"
+        )
+    if cfg.rollout.dynamic_sampling and cfg.rollout.group_size == 1:
+        out.append(
+            "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
+            "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
+        )
+    if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
+        out.append(
+            f"algo.advantage={cfg.algo.advantage!r} with rollout.group_size=1: every advantage "
+            "is 0 and nothing is learnt; use group_size >= 2 or algo.advantage='remax'"
+        )
+    return out
