@@ -214,7 +214,7 @@ class AlgoConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
     # run each group's shared prompt once per micro-batch and the G responses on its KV cache
-    # (same log-probs up to float rounding; seqrl.train.step.shared_prefix_logits)
+    # (same log-probs up to float rounding; seqrl.train.forward.shared_prefix_logits)
     shared_prefix: bool = False
     loss: LossOverrides = Field(default_factory=LossOverrides)
     mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
