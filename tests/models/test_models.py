@@ -167,6 +167,7 @@ def test_load_policy_builtins_and_dtype():
     assert bf16.dtype == torch.bfloat16 and not bf16.training
 
 
+@pytest.mark.slow
 def test_load_policy_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"builtin:tiny-addition"):
         load_policy("builtin:nope")

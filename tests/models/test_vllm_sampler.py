@@ -13,6 +13,7 @@ from seqrl.models import load_policy, save_policy
 from seqrl.rollout.vllm import hf_weight_items, import_vllm
 
 
+@pytest.mark.slow
 def test_importing_seqrl_never_imports_vllm():
     code = (
         "import sys, seqrl, seqrl.rollout, seqrl.rollout.vllm, seqrl.train.trainer, seqrl.cli; "

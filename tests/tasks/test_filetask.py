@@ -60,6 +60,7 @@ def test_evaluate_samples_per_item_and_summary():
     assert summary["pass@1_ci_low"] <= summary["pass@1"] <= summary["pass@1_ci_high"]
 
 
+@pytest.mark.slow
 def test_seqrl_eval_cli_on_a_data_file(tmp_path):
     out = tmp_path / "items.jsonl"
     done = subprocess.run(
@@ -92,6 +93,7 @@ def test_seqrl_eval_cli_on_a_data_file(tmp_path):
     assert len(records) == 3 and all(len(r["completions"]) == 2 for r in records)
 
 
+@pytest.mark.slow
 def test_seqrl_eval_cli_errors(tmp_path):
     def run(*args):
         return subprocess.run(

@@ -245,6 +245,7 @@ def _train_cli(tmp_path, name, *overrides):
     return run, records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["sppo", "sppo_small_critic", "ppo"])
 def test_critic_presets_train_from_the_cli(preset, tmp_path):
     extra = ["critic.warmup_steps=1"] if preset == "ppo" else []
@@ -288,6 +289,7 @@ def test_small_critic_is_smaller_than_the_policy():
     )
 
 
+@pytest.mark.slow
 def test_tail_effect_command_writes_its_png(tmp_path):
     run, _ = _train_cli(tmp_path, "ppo", "preset=ppo", "train.steps=2", "critic.warmup_steps=1")
     out = subprocess.run(

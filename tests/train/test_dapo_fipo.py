@@ -256,6 +256,7 @@ def test_point_biserial_matches_scipy_and_is_nan_when_constant():
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["dapo", "fipo"])
 def test_dapo_and_fipo_presets_run_from_the_cli(preset, tmp_path):
     sets = [

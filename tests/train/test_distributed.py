@@ -27,6 +27,8 @@ from seqrl.config import load_config
 from seqrl.models import load_policy
 from seqrl.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # 2-process runs: CI runs them, `-m "not slow"` skips them
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 RUN = [
     "model.policy=builtin:tiny-addition",

@@ -20,6 +20,7 @@ def _addition_file(path: Path, split: str, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_rl_on_a_data_file_fixes_the_demo_slip(tmp_path):
     """Addition problems written to JSONL with other column names, exact-match reward: the file
     path trains like the built-in task (the demo's slip is fixed on the file's held-out rows)."""
@@ -55,6 +56,7 @@ def test_rl_on_a_data_file_fixes_the_demo_slip(tmp_path):
     assert after >= before + 0.10, (before, after)
 
 
+@pytest.mark.slow
 def test_gsm8k_style_file_from_the_cli(tmp_path):
     done = train_cli(
         [
@@ -115,6 +117,7 @@ CHAT = (
 )
 
 
+@pytest.mark.slow
 def test_chat_template_wraps_the_prompts_the_policy_sees(tmp_path):
     from seqrl.models import load_policy, save_policy
 

@@ -6,8 +6,12 @@ the whole gradient path (sampler → rewards → advantages → loss → optimiz
 a sign error anywhere makes the reward fall instead.
 """
 
+import pytest
+
 from seqrl.config import load_config
 from seqrl.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # minutes of training: CI runs them, `-m "not slow"` skips them
 
 
 def test_reward_rises_on_a_shaped_task(tmp_path):

@@ -75,6 +75,7 @@ def _run(fast_overrides, *overrides):
     return next(r for r in rows if "mismatch/ratio_mean" in r)
 
 
+@pytest.mark.slow
 def test_the_trainer_logs_staleness_and_mismatch_separately(fast_overrides):
     m = _run(fast_overrides, "rollout.top_p=0.8", "algo.mismatch.correction=truncate",
              "algo.mismatch.cap=1.5")  # fmt: skip

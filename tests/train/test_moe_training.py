@@ -194,6 +194,7 @@ def test_replay_config_errors(tmp_path):
     assert any("nothing to replay" in w for w in validate_warnings(on_policy))
 
 
+@pytest.mark.slow
 def test_cli_trains_an_moe_policy_with_routing_replay_and_plots_churn(tmp_path):
     done = train_cli(
         [

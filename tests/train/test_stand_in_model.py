@@ -53,6 +53,7 @@ def _seqrl(*args, timeout=240):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_cli_make_model_train_with_lora_and_eval_on_a_gsm8k_file(tmp_path):
     model_dir = tmp_path / "tiny-llama"
     _seqrl("make-model", str(model_dir), "--text", str(TOY))

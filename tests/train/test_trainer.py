@@ -118,6 +118,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
     common = [o for o in fast_overrides if not o.startswith("name=")] + RESUME_CASES[case]
@@ -209,6 +210,7 @@ def test_partial_and_corrupt_checkpoints_are_never_picked(tmp_path):
     assert latest.step == 1 and latest.state == {"x": 1}
 
 
+@pytest.mark.slow
 def test_bad_config_key_fails_before_any_work(tmp_path):
     out = subprocess.run(
         [
@@ -230,6 +232,7 @@ def test_bad_config_key_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.slow
 def test_resume_of_a_non_run_directory_says_so(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "seqrl", "train", "--resume", str(tmp_path)],
