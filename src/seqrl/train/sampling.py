@@ -1,6 +1,6 @@
-"""The data side of one RL step: rewards, DAPO's dynamic sampling and overlong shaping.
+"""The data side of one RL step: which prompts, rollouts, scores, DAPO's dynamic sampling and shaping.
 
-    generation batch 1: the step's P prompts from the seeded data order
+    generation batch 1: the step's P prompts from the seeded data order (:class:`PromptOrder`)
                         (+ side-stream prompts up to ``gen_batch_prompts``)
         → sample G responses each → score → keep groups with 0 < #correct < G
     generation batch k ≥ 2: ``gen_batch_prompts`` more prompts from the side stream
@@ -13,8 +13,7 @@ The side stream of step s is a seeded permutation of the training set keyed by (
 the prompts of every generation batch follow from the step number alone: a resumed run draws
 exactly the prompts an uninterrupted one would (no data position to checkpoint).
 
-Without dynamic sampling this is one generation batch of the step's P prompts and the
-rewards, bit for bit what the step did before.
+Without dynamic sampling this is one generation batch of the step's P prompts.
 """
 
 from __future__ import annotations
