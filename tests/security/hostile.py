@@ -349,6 +349,11 @@ def escapes(host: Host) -> dict[str, str]:
             socket.create_connection(("127.0.0.1", {host.port}), timeout=0.5)
         """),
         "become root again": "import os\nos.setuid(0)",
+        "create a user namespace": _program("""
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.unshare(0x10000000) == 0  # CLONE_NEWUSER: capabilities in a namespace
+        """),
         "fill the disk": _program("""
             i = 0
             while True:

@@ -95,6 +95,17 @@ def test_isolation_is_what_it_says():
     assert set(r.isolation) == set(check_sandbox(LIMITS)) - {"audit-hook"}
 
 
+def test_threads_and_processes_work_under_the_seccomp_filter():
+    code = "import concurrent.futures as f\nprint(sum(f.ThreadPoolExecutor(4).map(abs, [-1] * 8)))"
+    assert run_python(code, limits=LIMITS).stdout == "8\n"
+    code = "import os\npid = os.fork()\nos._exit(0) if pid == 0 else print(os.waitpid(pid, 0)[1])"
+    r = run_python(code, limits=LIMITS, audit_hook=False)  # the hook would refuse fork
+    assert r.ok and r.stdout == "0\n", r
+    if "no-user-namespaces" in check_sandbox(LIMITS):
+        status = run_python("print(open('/proc/self/status').read())", audit_hook=False).stdout
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+
+
 def test_the_system_is_read_only_and_the_working_directory_is_bounded():
     code = "import os, sys\nfor p in ('/usr/x', sys.prefix + '/x', '/x', '/dev/x'):\n"
     code += "    try:\n        open(p, 'w')\n        print('wrote', p)\n    except OSError:\n"

@@ -10,6 +10,9 @@ The boundary is built outside the Python interpreter, by the kernel, through bub
   a private /proc and minimal /dev; the only writable place is a private, size-limited tmpfs
   holding /tmp and the working directory /tmp/work, gone when the run ends;
 - new PID, network, IPC and UTS namespaces: no network, no other process visible or reachable;
+- a seccomp filter (x86-64 and arm64) refusing new user namespaces (which would give the code
+  capabilities inside them: kernel attack surface), ptrace, process_vm_readv/writev, keyrings,
+  bpf, userfaultfd, perf_event_open and io_uring;
 - ``--die-with-parent``, ``--new-session``, no capabilities, an empty environment (not even
   the trainer's, which ``/proc/1/environ`` would otherwise show) and no inherited file
   descriptors besides stdin/stdout/stderr and the two harness pipes;
@@ -58,13 +61,16 @@ read the nonce and forge a pass; it still cannot leave the sandbox.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import platform
 import secrets
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -291,7 +297,7 @@ def check_sandbox(limits: SandboxLimits | None = None) -> tuple[str, ...]:
     limits = limits or SandboxLimits()
     error = _bwrap_error()
     if error is None:
-        return _BWRAP_LAYERS
+        return _bwrap_layers()
     if _require_isolation(limits):
         raise SandboxUnavailableError(_unavailable_message(error))
     _warn_weak(error)
@@ -322,18 +328,24 @@ def run_python(
 # ---- policy --------------------------------------------------------------------------------
 
 
-_BWRAP_LAYERS = (
-    "bubblewrap",
-    "unprivileged-user",
-    "mount-namespace",
-    "pid-namespace",
-    "no-network",
-    "process-limit",
-    "rlimits",
-    "workdir",
-    "process-group",
-    "audit-hook",
-)
+@functools.cache
+def _bwrap_layers() -> tuple[str, ...]:
+    no_userns = _seccomp_filter() is not None or (
+        os.geteuid() != 0 and "--disable-userns" in _bwrap()[1]
+    )
+    return (
+        "bubblewrap",
+        "unprivileged-user",
+        *(["no-user-namespaces"] if no_userns else []),
+        "mount-namespace",
+        "pid-namespace",
+        "no-network",
+        "process-limit",
+        "rlimits",
+        "workdir",
+        "process-group",
+        "audit-hook",
+    )
 
 
 def _weak_layers(drop: bool) -> tuple[str, ...]:
@@ -443,7 +455,9 @@ def _python_roots() -> tuple[str, ...]:
     return tuple(roots)
 
 
-def _bwrap_command(main_fd: int, limits: SandboxLimits, env: dict[str, str]) -> list[str]:
+def _bwrap_command(
+    main_fd: int, seccomp_fd: int | None, limits: SandboxLimits, env: dict[str, str]
+) -> list[str]:
     exe, options = _bwrap()
     cmd = [exe, "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in env.items():
@@ -484,7 +498,66 @@ def _bwrap_command(main_fd: int, limits: SandboxLimits, env: dict[str, str]) -> 
         cmd += ["--ro-bind", root, root]
         made.add(root)
     cmd += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", _WORK]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     return cmd
+
+
+# Syscalls refused by the seccomp filter, per machine: (audit arch, unshare, clone, clone3,
+# others). unshare/clone with CLONE_NEWUSER are refused (a user namespace gives capabilities
+# inside it, kernel attack surface no test needs); clone3, whose flags a filter cannot read,
+# answers ENOSYS (libc then uses clone); the others, refused outright: ptrace,
+# process_vm_readv/writev, add_key, request_key, keyctl, bpf, userfaultfd, perf_event_open and
+# io_uring_setup/enter/register.
+_SYSCALLS = {
+    "x86_64": (
+        0xC000003E,
+        272,
+        56,
+        435,
+        (101, 310, 311, 248, 249, 250, 321, 323, 298, 425, 426, 427),
+    ),
+    "aarch64": (
+        0xC00000B7,
+        97,
+        220,
+        435,
+        (117, 270, 271, 217, 218, 219, 280, 282, 241, 425, 426, 427),
+    ),
+}
+
+
+@functools.cache
+def _seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program for ``bwrap --seccomp`` (None on other machines)."""
+    if platform.machine() not in _SYSCALLS:
+        return None
+    arch, unshare, clone, clone3, refused = _SYSCALLS[platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF opcodes
+    allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS
+    # (label, opcode, k, label if true, label if false; "" = the next instruction).
+    # seccomp_data: the syscall number at 0, the arch at 4, args[0] at 16 (its low 32 bits).
+    program = [
+        ("", ld, 4, "", ""),
+        ("", jeq, arch, "", "eperm"),  # another ABI (i386 on x86_64): nothing
+        ("", ld, 0, "", ""),
+        ("", jge, 0x40000000, "eperm", ""),  # the x32 ABI
+        *(("", jeq, nr, "eperm", "") for nr in refused),
+        ("", jeq, clone3, "enosys", ""),
+        ("", jeq, unshare, "flags", ""),
+        ("", jeq, clone, "flags", "allow"),
+        ("flags", ld, 16, "", ""),
+        ("", jset, 0x10000000, "eperm", "allow"),  # CLONE_NEWUSER
+        ("allow", ret, allow, "", ""),
+        ("eperm", ret, eperm, "", ""),
+        ("enosys", ret, enosys, "", ""),
+    ]
+    at = {label: i for i, (label, *_) in enumerate(program) if label}
+    code = b""
+    for i, (_, opcode, k, if_true, if_false) in enumerate(program):
+        jt, jf = (at[label] - i - 1 if label else 0 for label in (if_true, if_false))
+        code += struct.pack("=HBBI", opcode, jt, jf, k)
+    return code
 
 
 # ---- one run -------------------------------------------------------------------------------
@@ -514,14 +587,22 @@ def _run(
     host_work = None
     try:
         if isolated:
-            work, drop, isolation = _WORK, os.geteuid() == 0, _BWRAP_LAYERS
+            work, drop, isolation = _WORK, os.geteuid() == 0, _bwrap_layers()
             main_fd = os.memfd_create("main.py", 0)
             to_close.append(main_fd)
             with open(main_fd, "wb", closefd=False) as f:
                 f.write(source)
             os.lseek(main_fd, 0, os.SEEK_SET)
+            fds = (nonce_r, result_w, main_fd)
+            seccomp_fd = None
+            if (bpf := _seccomp_filter()) is not None:
+                seccomp_fd = os.memfd_create("seccomp", 0)
+                to_close.append(seccomp_fd)
+                os.write(seccomp_fd, bpf)
+                os.lseek(seccomp_fd, 0, os.SEEK_SET)
+                fds += (seccomp_fd,)
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
-            prefix, fds = _bwrap_command(main_fd, limits, env), (nonce_r, result_w, main_fd)
+            prefix = _bwrap_command(main_fd, seccomp_fd, limits, env)
         else:
             host_work = work = tempfile.mkdtemp(prefix=_TAG + "-")
             drop = _weak_drop()
