@@ -20,13 +20,13 @@ The boundary is built outside the Python interpreter, by the kernel, through bub
   number of processes of the sandbox user; a wall-clock limit after which the whole process
   group is killed; bounded capture of stdout and stderr.
 
-A Python audit hook is a second layer, inside the interpreter (so it does not bound a program
-that gets past it): it refuses processes, signals to other processes, sockets, ``ctypes`` calls,
-tracing, ``gc`` introspection, new code objects, writing outside the working directory
+A Python audit hook is a second layer, inside the interpreter (so it does not bound a program that
+gets past it): it refuses processes, signals to other processes, sockets, ``ctypes`` calls, tracing
+and monitoring, ``gc`` introspection, new code objects, writing outside the working directory
 (``open`` with any writing flag or mode, ``rename`` on both ends, ``dir_fd`` arguments, opening
 directories outside) and reading or listing outside the working directory and the Python
-installation. Everything the hook uses is bound when it is installed, so changing builtins,
-modules or the guard's globals later does not change it.
+installation. Everything the hook uses is bound when it is installed, so changing builtins, modules
+or the guard's globals later does not change it.
 
 Without bubblewrap (or where it cannot create namespaces, e.g. inside an unprivileged container)
 :func:`run_python` raises :class:`SandboxUnavailableError` saying how to fix it, unless isolation
@@ -36,19 +36,19 @@ nobody when the trainer is root and the interpreter is world-readable. That is n
 boundary: use it only for code you trust.
 
 **Success is not the exit status.** Code can exit 0 without running its tests (``sys.exit(0)``,
-``os._exit(0)``, an ``atexit`` or signal handler, ``SystemExit`` in a ``finally``). So the
-program and its tests are compiled, each on its own (the program cannot make the tests part of a
-string or a block), into one module that runs in a fresh ``__main__``; the guard reads a random
-nonce from a pipe before the program starts, closes that pipe and keeps the nonce only on its own
-frame's value stack, as an argument of the call that reports success, evaluated before the module
-runs. That call happens only if the module returns normally, i.e. every statement of the tests
-ran without raising; it writes the nonce to a second pipe, and :attr:`SandboxResult.completed` is
-whether exactly the nonce came back. The program never sees the nonce: it is in no file, argument,
-environment variable, global or local variable; Python code reaches a value stack only through
-``gc.get_referents`` (refused, as is every ``gc.get_*``), and raw memory only through ``ctypes``
-or ``/proc/self/mem`` (both refused). Skipping the tests needs a jump (``sys.settrace``,
-refused) or crafted bytecode (``code.__new__``, refused). Printing a marker, writing guesses to
-every file descriptor or killing anything proves nothing.
+``os._exit(0)``, an ``atexit`` or signal handler, ``SystemExit`` in a ``finally``). So the program
+and its tests are compiled, each on its own (the program cannot make the tests part of a string or a
+block), into one module that runs in a fresh ``__main__``; the guard reads a random nonce from a
+pipe before the program starts, closes that pipe and keeps the nonce only on its own frame's value
+stack, as an argument of the call that reports success, evaluated before the module runs. That call
+happens only if the module returns normally, i.e. every statement of the tests ran without raising;
+it writes the nonce to a second pipe, and :attr:`SandboxResult.completed` is whether exactly the
+nonce came back. The program never sees the nonce: it is in no file, argument, environment variable,
+global or local variable; Python code reaches a value stack only through ``gc.get_referents``
+(refused, as is every ``gc.get_*``), and raw memory only through ``ctypes`` or ``/proc/self/mem``
+(both refused). Skipping the tests needs a jump (``sys.settrace``, ``sys.monitoring``: refused) or
+crafted bytecode (``code.__new__``, refused). Printing a marker, writing guesses to every file
+descriptor or killing anything proves nothing.
 
 What the verifier cannot detect: the tests run in the program's process, on the program's
 objects, so a program that returns an object whose ``__eq__`` is always true passes
@@ -137,7 +137,8 @@ def install_hook(work, readable):
             "subprocess.", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "socket.",
             "ctypes.", "os.chdir", "os.chroot", "os.link", "os.symlink", "os.setxattr",
             "os.removexattr", "os.unshare", "os.setns", "resource.prlimit", "shutil.rmtree",
-            "gc.get_", "sys.settrace", "sys.setprofile", "sys.addaudithook", "code.__new__")
+            "gc.get_", "sys.settrace", "sys.setprofile", "sys.monitoring.register_callback",
+            "sys.addaudithook", "code.__new__")
     deny_imports = frozenset({"_posixsubprocess", "_socket", "socket", "_multiprocessing"})
     dir_fd_last = frozenset({"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
                              "os.utime"})
