@@ -575,6 +575,15 @@ def _source(code: str, tests: str) -> tuple[bytes, int]:
     return program + lines(tests), len(program)
 
 
+def _memfd(name: str, data: bytes) -> int:
+    """An inheritable in-memory file holding ``data``, at offset 0 (bwrap copies it in)."""
+    fd = os.memfd_create(name, 0)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _run(
     code: str, tests: str, stdin: str, limits: SandboxLimits, audit_hook: bool, isolated: bool
 ) -> SandboxResult:
@@ -585,27 +594,18 @@ def _run(
     os.close(nonce_w)
     result_r, result_w = os.pipe()
     to_close = [nonce_r, result_r, result_w]
-    host_work = None
+    host_work = None if isolated else tempfile.mkdtemp(prefix=_TAG + "-")
+    work = host_work or _WORK
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
     try:
         if isolated:
-            work, drop, isolation = _WORK, os.geteuid() == 0, _bwrap_layers()
-            main_fd = os.memfd_create("main.py", 0)
-            to_close.append(main_fd)
-            with open(main_fd, "wb", closefd=False) as f:
-                f.write(source)
-            os.lseek(main_fd, 0, os.SEEK_SET)
-            fds = (nonce_r, result_w, main_fd)
-            seccomp_fd = None
-            if (bpf := _seccomp_filter()) is not None:
-                seccomp_fd = os.memfd_create("seccomp", 0)
-                to_close.append(seccomp_fd)
-                os.write(seccomp_fd, bpf)
-                os.lseek(seccomp_fd, 0, os.SEEK_SET)
-                fds += (seccomp_fd,)
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
+            drop, isolation = os.geteuid() == 0, _bwrap_layers()
+            main_fd, bpf = _memfd("main.py", source), _seccomp_filter()
+            seccomp_fd = _memfd("seccomp", bpf) if bpf is not None else None
+            fds = tuple(fd for fd in (nonce_r, result_w, main_fd, seccomp_fd) if fd is not None)
+            to_close += fds[2:]
             prefix = _bwrap_command(main_fd, seccomp_fd, limits, env)
         else:
-            host_work = work = tempfile.mkdtemp(prefix=_TAG + "-")
             drop = _weak_drop()
             isolation, prefix, fds = _weak_layers(drop), [], (nonce_r, result_w)
             with open(os.path.join(work, "main.py"), "wb") as f:
@@ -613,7 +613,6 @@ def _run(
             if drop:
                 os.chown(work, _NOBODY, _NOBODY)
                 os.chmod(work, 0o700)
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
         if not audit_hook:
             isolation = tuple(x for x in isolation if x != "audit-hook")
         cfg = {
