@@ -5,7 +5,7 @@ import pytest
 from seqrl.tasks.codereward import extract_code, score_code
 from seqrl.tasks.sandbox import SandboxLimits
 
-LIMITS = SandboxLimits(wall_s=3.0, cpu_s=3)
+LIMITS = SandboxLimits(wall_s=2.0, cpu_s=1)
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
 
 
@@ -35,3 +35,24 @@ def test_extract_code_prefers_the_last_python_block():
     assert extract_code(text) == "second\n"
     assert extract_code("```\nplain\n```") == "plain\n"
     assert extract_code("no fences") == "no fences"
+
+
+@pytest.mark.parametrize(
+    ("completion", "score"),
+    [
+        ("x = '\ud800'\ndef add(a, b):\n    return a + b", 0.0),  # a lone surrogate: not UTF-8
+        ("def add(a, b):\n    return a + b\x00", 0.0),
+        ("def add(a, b):\n    return a + b  # \udcff", None),  # in a comment: Python's call
+    ],
+)
+def test_a_completion_never_crashes_scoring(completion, score):
+    result = score_code(completion, TESTS, limits=LIMITS)
+    assert result.score == score if score is not None else result.score in (0.0, 1.0)
+    if result.score == 0.0:
+        assert result.reason == "failed" and "Error" in result.result.stderr
+
+
+def test_exiting_zero_before_the_tests_is_not_a_pass():
+    for code in ("import sys\nsys.exit(0)", "import atexit, os\natexit.register(os._exit, 0)"):
+        result = score_code(code + "\ndef add(a, b):\n    return 0", TESTS, limits=LIMITS)
+        assert result.score == 0.0 and result.reason in ("exited early", "failed"), code

@@ -2,8 +2,11 @@
 
 The program is the last fenced code block of the completion (```python ... ``` or ``` ... ```),
 or the whole completion when it has none; the tests (Python statements, typically ``assert``s)
-run after it in the same file. Score 1 when the file exits 0 within every limit of
-:class:`~seqrl.tasks.sandbox.SandboxLimits`, else 0, with the reason.
+run after it in the same namespace. Score 1 when the tests ran to their end (attested by a nonce
+the program never sees, not by the exit status) and the process exited 0 within every limit of
+:class:`~seqrl.tasks.sandbox.SandboxLimits`, else 0, with the reason. What this can and cannot
+detect is in :mod:`seqrl.tasks.sandbox`: an object whose ``__eq__`` is always true passes an
+``assert f(x) == y``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 @dataclass(frozen=True)
 class CodeScore:
     score: float
-    reason: str  # "passed", "failed", "timed out", "output limit", "no code"
+    reason: str  # "passed", "failed", "exited early", "timed out", "output limit", "no code"
     result: SandboxResult | None
 
 
@@ -35,15 +38,21 @@ def extract_code(completion: str) -> str:
 
 
 def score_code(completion: str, tests: str, *, limits: SandboxLimits | None = None) -> CodeScore:
-    """Run ``extract_code(completion)`` followed by ``tests``; never raises."""
+    """Run ``extract_code(completion)`` followed by ``tests``.
+
+    Never raises for anything in the completion; raises
+    :class:`~seqrl.tasks.sandbox.SandboxUnavailableError` when this machine cannot sandbox code.
+    """
     code = extract_code(completion)
     if not code.strip():
         return CodeScore(0.0, "no code", None)
-    result = run_python(code.rstrip() + "\n\n" + tests.strip() + "\n", limits=limits)
+    result = run_python(code, tests=tests.strip() + "\n", limits=limits)
     if result.ok:
         return CodeScore(1.0, "passed", result)
     if result.timed_out:
         return CodeScore(0.0, "timed out", result)
     if result.output_truncated:
         return CodeScore(0.0, "output limit", result)
+    if result.returncode == 0:  # exit status 0 without reaching the end of the tests
+        return CodeScore(0.0, "exited early", result)
     return CodeScore(0.0, "failed", result)

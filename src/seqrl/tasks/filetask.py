@@ -19,7 +19,7 @@ from seqrl.tasks.base import Example, first_token, score_pairs
 from seqrl.tasks.codereward import score_code
 from seqrl.tasks.files import LoadReport, load_examples
 from seqrl.tasks.mathreward import extract_final_answer, reference_answer, score_math
-from seqrl.tasks.sandbox import SandboxLimits
+from seqrl.tasks.sandbox import SandboxLimits, check_sandbox
 
 REWARDS = ("math", "code", "exact")
 Reward = Literal["math", "code", "exact"]
@@ -49,6 +49,8 @@ class FileTask:
             raise ValueError("give a train file, a test file or both")
         if "{prompt}" not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        if reward == "code":  # a machine that cannot sandbox code fails here, not with 0 rewards
+            check_sandbox(sandbox)
         self.reward, self.answer_mode, self.sandbox = reward, answer_mode, sandbox
         self.prompt_template, self.max_new_tokens = prompt_template, max_new_tokens
         required = ("prompt", "tests") if reward == "code" else ("prompt", "answer")
