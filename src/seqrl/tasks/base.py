@@ -30,11 +30,16 @@ _STOP = re.compile(r"\s|<eos>|<pad>|<\|endoftext\|>|<\|im_end\|>|</s>")
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: the prompt given to the policy, the reference answer and task metadata."""
+    """One problem: the prompt given to the policy, the reference answer and task metadata.
+
+    ``source`` says where a problem read from a file came from (``"data.jsonl, row 17"``), for
+    messages; None for generated problems.
+    """
 
     prompt: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source: str | None = field(default=None, compare=False)
 
 
 def split_of(prompt: str) -> str:
