@@ -88,6 +88,9 @@ class TaskConfig(_Section):
     prompt_template: str = "{prompt}"
     chat_template: bool = False  # wrap each prompt as a user turn in the tokenizer's chat template
     on_error: Literal["raise", "skip"] = "raise"  # a malformed row: stop, or skip and count
+    # the most tokens a prompt may have (a longer one is a malformed row); None = the model's
+    # context (max_position_embeddings) minus the generation budget
+    max_prompt_tokens: int | None = Field(None, ge=1)
 
     def build(self):
         """The task this section describes (built-in, or :class:`seqrl.tasks.filetask.FileTask`)."""
