@@ -295,7 +295,9 @@ def sampling_settings(cfg: RunConfig, task, max_new_tokens: int) -> SamplingSett
         overlong_buffer=rw.overlong_buffer,
         overlong_penalty_factor=rw.overlong_penalty_factor,
         overlong_filter=rw.overlong_filter,
-        reward_terms=resolve_terms([(t.fn, t.weight) for t in rw.terms], task),
+        reward_terms=resolve_terms(
+            [(t.fn, t.weight) for t in rw.terms], task, timeout_s=rw.timeout_s
+        ),
     )
 
 
