@@ -525,11 +525,11 @@ def _groups(n, group_size):
 
 
 def ref_group_advantages(rewards, group_size, scale="std", eps=1e-6):
-    """A_i = (r_i − mean_G)/(std_G(ddof=1) + eps) ("std") or r_i − mean_G ("none"); group of 1: mean 0, std 1, A = r."""
+    """A_i = (r_i − mean_G)/(std_G(ddof=1) + eps) ("std") or r_i − mean_G ("none"); group of 1: A = r − r = 0."""
     out = [None] * rewards.shape[0]
     for idx in _groups(rewards.shape[0], group_size):
         if len(idx) == 1:
-            out[idx[0]] = rewards[idx[0]] * 1.0
+            out[idx[0]] = rewards[idx[0]] * 0.0
             continue
         mean = _zero(rewards)
         for j in idx:

@@ -286,6 +286,10 @@ def test_batch_and_group_checks():
     assert "algo.num_minibatches=4" in message and "divisors of 9: 1, 3, 9" in message
     message = _error("rloo", ["rollout.group_size=1", "rollout.prompts_per_step=8"])
     assert "algo.advantage='rloo' needs rollout.group_size >= 2" in message
+    for preset in ("gspo", "grpo", "dr_grpo"):  # every advantage would be 0
+        message = _error(preset, ["rollout.group_size=1", "rollout.prompts_per_step=8"])
+        assert "needs rollout.group_size >= 2: a group of one sample is its own mean" in message
+        assert "algo.advantage=remax" in message
     assert load_config("remax", ["rollout.group_size=4"]).rollout.group_size == 4
 
 
@@ -303,7 +307,6 @@ def test_warnings_for_gspo_misconfigurations():
     assert _warnings("algo.num_minibatches=1", "rollout.old_logprobs_source=sampler") == ""
     assert "fully on-policy" in _warnings("algo.name=fipo", "algo.num_minibatches=1")
     assert "fully on-policy" not in _warnings("algo.name=dapo", "algo.num_minibatches=1")
-    assert "every advantage is 0" in _warnings("rollout.group_size=1", "rollout.prompts_per_step=8")
 
 
 # --------------------------------------------------------------------------- the model

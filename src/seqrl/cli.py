@@ -245,7 +245,10 @@ def eval_(
         str | None, typer.Option(help="a built-in task instead of --data (its held-out split)")
     ] = None,
     k: Annotated[int, typer.Option(min=1, help="samples per item (avg@k, pass@k, cons@k)")] = 16,
-    limit: Annotated[int | None, typer.Option(help="evaluate the first N items only")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="evaluate the first N items only (all of them if fewer)"),
+    ] = None,
     column: Annotated[
         list[str] | None, typer.Option(help="column mapping FIELD=NAME, e.g. prompt=question")
     ] = None,
@@ -260,8 +263,21 @@ def eval_(
     batch_items: Annotated[int, typer.Option(help="items per generate call")] = 16,
     out: Annotated[Path | None, typer.Option(help="per-item results (JSONL)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    on_error: Annotated[
+        str, typer.Option(help="a malformed or too long row of --data: raise | skip (and count)")
+    ] = "raise",
+    max_prompt_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="longest prompt; default: the model's context − the budget"),
+    ] = None,
 ) -> None:
-    """avg@k, unbiased pass@k and cons@k with 95% bootstrap intervals, per-item JSONL."""
+    """avg@k, unbiased pass@k and cons@k with 95% bootstrap intervals, per-item JSONL.
+
+    Every prompt must leave room for --max-new-tokens in the model's context (or fit in
+    --max-prompt-tokens); a longer one is an error naming its file and row (or, with
+    --on-error skip, is left out and counted).
+    """
+    import dataclasses
     import json
 
     import torch
@@ -273,9 +289,13 @@ def eval_(
     from seqrl.tasks import get_task
     from seqrl.tasks.files import DataError
     from seqrl.tasks.filetask import FileTask
+    from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
 
     if (data is None) == (task is None):
         _fail("give exactly one of --data FILE or --task NAME")
+    if on_error not in ("raise", "skip"):
+        _fail(f"--on-error must be raise or skip, got {on_error!r}")
+    err_console = Console(stderr=True, markup=False, highlight=False)
     try:
         if data is not None:
             columns = dict(c.split("=", 1) for c in column or [])
@@ -285,20 +305,59 @@ def eval_(
                 reward=reward,
                 prompt_template=template,
                 max_new_tokens=max_new_tokens or 256,
+                on_error=on_error,
             )
-            items = the_task.examples("test", limit)
+            items = the_task.examples("test")  # all usable rows; --limit applies after checks
         else:
             the_task = get_task(task)
-            items = the_task.examples("test", limit or 200)
+            items = the_task.examples("test", min(limit or 200, the_task.max_examples("test")))
         policy, tokenizer = load_policy(model)
     except (ValueError, DataError, FileNotFoundError) as err:
-        _fail(str(err))
+        _fail(str(err).replace("pass on_error='skip'", "pass --on-error skip"))
     prompts = [e.prompt for e in items]
     if chat:
         try:
             prompts = chat_prompts(tokenizer, prompts)
         except ValueError as err:
             _fail(f"{model}: {err}")
+    budget = max_new_tokens or the_task.max_new_tokens
+    max_prompt, why = prompt_limit(
+        max_prompt_tokens,
+        context_length(policy),
+        max_new_tokens=budget,
+        setting_name="--max-prompt-tokens",
+    )
+    if max_prompt is not None:
+        shown = [dataclasses.replace(e, prompt=p) for e, p in zip(items, prompts, strict=True)]
+        try:
+            kept, problems = check_prompt_lengths(
+                shown,
+                tokenizer,
+                max_prompt,
+                why=why,
+                split="test",
+                on_error=on_error if data is not None else "raise",
+                fix="shorten or drop the row, or pass --on-error skip to leave such rows out"
+                if data is not None
+                else "lower --max-new-tokens",
+            )
+        except DataError as err:
+            _fail(str(err))
+        if problems:
+            err_console.print(f"note: {len(problems)} too long rows skipped; first: {problems[0]}")
+        fits = {id(e) for e in kept}
+        items = [e for e, s in zip(items, shown, strict=True) if id(s) in fits]
+        prompts = [s.prompt for s in shown if id(s) in fits]
+    if data is not None and the_task.reports["test"].skipped:
+        r = the_task.reports["test"]
+        err_console.print(f"note: {r.skipped} malformed rows skipped; first: {r.first_problems[0]}")
+    if limit is not None and limit > len(items):
+        err_console.print(
+            f"note: --limit {limit} is more than the {len(items)} items: all are used"
+        )
+    items, prompts = items[:limit], prompts[:limit]
+    if not items:
+        _fail("no item left to evaluate")
     torch.manual_seed(seed)
     sampler = HFSampler(
         policy,

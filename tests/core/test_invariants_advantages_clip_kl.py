@@ -120,14 +120,18 @@ def test_inv12_binary_reward_advantage_closed_form(G):
 
 
 # ----------------------------------------------------------------------------------------------
-# Invariant 13: group size 1 returns the raw reward
+# Invariant 13: a group of one sample has advantage 0 (r − mean = 0; its std is undefined)
 
 
 @pytest.mark.parametrize("scale", ["std", "none"])
-def test_inv13_group_size_one_returns_raw_reward(scale):
+def test_inv13_group_size_one_gives_zero_advantage(scale):
+    """The equation, not verl's mean-0/std-1 convention (Â = r): every group, G = 1 included,
+    sums to 0, and a run with G = 1 would learn nothing (the config refuses it)."""
     rewards = torch.tensor([1.0, 0.0, -1.0, 0.37, 2.5], dtype=DT)
-    adv = C.group_advantages(rewards, 1, scale=scale)
-    assert torch.equal(adv, rewards)
+    for eps in (0.0, 1e-6):
+        adv = C.group_advantages(rewards, 1, scale=scale, eps=eps)
+        assert adv.dtype == DT and torch.equal(adv, torch.zeros_like(rewards))
+    assert torch.equal(C.group_centered_advantages(rewards, 1), torch.zeros_like(rewards))
     rewards2 = rewards.clone()
     adv[0] = 99.0  # the result is not a view of the input
     assert torch.equal(rewards, rewards2)

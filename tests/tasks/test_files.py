@@ -95,3 +95,50 @@ def test_file_level_errors_say_what_to_do(tmp_path):
     empty = _write_jsonl(tmp_path / "e.jsonl", ["{bad"])
     with pytest.raises(DataError, match="no usable rows"):
         load_examples(empty, on_error="skip")
+
+
+def test_bytes_that_are_not_utf8_name_file_row_and_byte(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b'{"prompt": "1+1=", "answer": "2"}\n'
+        b'{"prompt": "caf\xe9 au lait?", "answer": "3"}\n'  # Latin-1 in a UTF-8 file
+        b'{"prompt": "2+2=", "answer": "4"}\n'
+    )
+    with pytest.raises(DataError, match=r"d\.jsonl, row 2: byte 0xe9 at character 16 is not UTF-8"):
+        load_examples(path)
+    examples, report = load_examples(path, on_error="skip")
+    assert [e.prompt for e in examples] == ["1+1=", "2+2="]
+    assert (report.rows, report.skipped) == (3, 1) and "row 2: byte 0xe9" in report.first_problems[
+        0
+    ]
+
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(b'prompt,answer\n1+1=,2\n"multi\nline",3\ncaf\xe9,4\n')
+    with pytest.raises(DataError, match=r"d\.csv, row 3: field 'prompt': byte 0xe9 at character 4"):
+        load_examples(csv_path)
+    examples, report = load_examples(csv_path, on_error="skip")
+    assert [e.answer for e in examples] == ["2", "3"] and report.skipped == 1
+
+    csv_path.write_bytes(b"prompt,answ\xe9r\n1+1=,2\n")  # the header: nothing can be skipped
+    with pytest.raises(DataError, match=r"row 0 \(the header\), column 2: byte 0xe9"):
+        load_examples(csv_path, on_error="skip")
+
+
+def test_a_lone_surrogate_escape_is_a_malformed_row(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        ['{"prompt": "x\\ud800y", "answer": "1"}', {"prompt": "ok", "answer": 2}],
+    )
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' \(prompt\) holds a lone surrogate"):
+        load_examples(path)
+    examples, report = load_examples(path, on_error="skip")
+    assert [e.prompt for e in examples] == ["ok"] and report.skipped == 1
+
+
+def test_each_example_records_its_file_and_row(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "a", "answer": 1}, "", "{bad", {"prompt": "b", "answer": 2}],
+    )
+    examples, _ = load_examples(path, on_error="skip")
+    assert [e.source for e in examples] == [f"{path}, row 1", f"{path}, row 4"]

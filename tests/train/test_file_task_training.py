@@ -103,6 +103,7 @@ def test_file_task_config_errors(tmp_path):
             f"task.train_file={bad}",
             f"task.test_file={bad}",
             f"output_dir={tmp_path}",
+            "rollout.max_new_tokens=16",  # the file task's 256 would fill the 256-token context
         ],
     )
     with pytest.raises(ValueError, match=r"bad\.jsonl, row 2: not valid JSON"):

@@ -43,6 +43,13 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "rollout.engine='vllm' needs a CUDA GPU, but device='cpu': use rollout.engine=hf "
             "on CPU, or device=auto/cuda on a GPU machine"
         )
+    if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size < 2:
+        problems.append(
+            f"algo.advantage={cfg.algo.advantage!r} needs rollout.group_size >= 2: a group of one "
+            "sample is its own mean, so every advantage r − mean is 0 and nothing would be "
+            "learnt; sample several responses per prompt, or use an estimator with a baseline "
+            "for one sample: algo.advantage=remax (greedy response) or sppo (learned critic)"
+        )
     if cfg.algo.advantage == "rloo" and cfg.rollout.group_size < 2:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
@@ -237,10 +244,5 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
         out.append(
             "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
             "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
-        )
-    if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
-        out.append(
-            f"algo.advantage={cfg.algo.advantage!r} with rollout.group_size=1: every advantage "
-            "is 0 and nothing is learnt; use group_size >= 2 or algo.advantage='remax'"
         )
     return out

@@ -39,6 +39,7 @@ from seqrl.core.losses import (
     _closest,
     resolve_policy_loss_config,
 )
+from seqrl.tasks.rewards import MAX_ABS_REWARD
 
 
 class _Section(BaseModel):
@@ -88,6 +89,9 @@ class TaskConfig(_Section):
     prompt_template: str = "{prompt}"
     chat_template: bool = False  # wrap each prompt as a user turn in the tokenizer's chat template
     on_error: Literal["raise", "skip"] = "raise"  # a malformed row: stop, or skip and count
+    # the most tokens a prompt may have (a longer one is a malformed row); None = the model's
+    # context (max_position_embeddings) minus the generation budget
+    max_prompt_tokens: int | None = Field(None, ge=1)
 
     def build(self):
         """The task this section describes (built-in, or :class:`seqrl.tasks.filetask.FileTask`)."""
@@ -179,18 +183,22 @@ class RewardTermConfig(_Section):
     """One extra reward term: ``weight · fn(completion, example)`` (see seqrl.tasks.rewards)."""
 
     fn: str = Field(min_length=1)  # "format" or "package.module:function"
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD)
 
 
 class RewardConfig(_Section):
     """Reward values, extra terms and DAPO's overlong shaping (arXiv 2503.14476, §3.4, Eq. 13)."""
 
-    incorrect: float = 0.0  # reward of a wrong answer (a right one gets 1); DAPO/FIPO use -1
+    # reward of a wrong answer (a right one gets 1); DAPO/FIPO use -1
+    incorrect: float = Field(0.0, ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD)
     overlong_buffer: int | None = Field(None, ge=1)  # soft punishment window L_cache; None = off
-    overlong_penalty_factor: float = Field(1.0, ge=0)  # verl's overlong_buffer.penalty_factor
+    overlong_penalty_factor: float = Field(1.0, ge=0, le=MAX_ABS_REWARD)  # verl's penalty_factor
     overlong_filter: bool = False  # mask truncated responses out of the loss
     # extra terms added to the verifier's reward, e.g. [{fn: format, weight: 0.1}]
     terms: tuple[RewardTermConfig, ...] = ()
+    # seconds each call of a term may take; past it the run stops, resumably, naming the
+    # function (calls then run in a worker thread, see seqrl.tasks.rewards); null = no limit
+    timeout_s: float | None = Field(60.0, gt=0)
 
 
 class MismatchConfig(_Section):

@@ -39,13 +39,16 @@ def group_advantages(
         "std":  Â_i = (r_i − mean_G r) / (std_G r + eps),   std unbiased (ddof = 1), as verl
         "none": Â_i =  r_i − mean_G r                        (Dr. GRPO, arXiv 2503.20783)
 
-    A group of one sample gets mean 0 and std 1 (Â = r), verl's convention.
+    A group of one sample has Â = 0 for both scales: its mean is its own reward, so r − mean = 0
+    (and its unbiased std is undefined, so no scale could change that). Every group's advantages
+    sum to 0. verl instead gives a group of one mean 0 and std 1, i.e. Â = r (REINFORCE without
+    a baseline), which is not this equation.
     """
     if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
     grouped = _groups(rewards, group_size)  # [P, G]
-    if group_size == 1:
-        return rewards.clone()
+    if group_size == 1:  # r − mean = 0; torch's std of one sample would be NaN
+        return torch.zeros_like(rewards)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
     if scale == "std":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)

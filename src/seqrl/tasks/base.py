@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from seqrl.tasks.rewards import RewardFunctionError, reward_value
+
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_BUCKETS = 10
 """A problem is held out when ``hash(prompt) % TEST_BUCKETS == 0`` (10% of the space)."""
@@ -30,11 +32,16 @@ _STOP = re.compile(r"\s|<eos>|<pad>|<\|endoftext\|>|<\|im_end\|>|</s>")
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: the prompt given to the policy, the reference answer and task metadata."""
+    """One problem: the prompt given to the policy, the reference answer and task metadata.
+
+    ``source`` says where a problem read from a file came from (``"data.jsonl, row 17"``), for
+    messages; None for generated problems.
+    """
 
     prompt: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source: str | None = field(default=None, compare=False)
 
 
 def split_of(prompt: str) -> str:
@@ -49,12 +56,29 @@ def first_token(text: str) -> str:
 
 
 def score_pairs(score, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-    """``[score(c, e) for c, e in zip(completions, examples)]``; the lengths must match."""
+    """``[score(c, e) for c, e in zip(completions, examples)]``; the lengths must match.
+
+    Every score must be a usable reward (:func:`seqrl.tasks.rewards.reward_value`: a finite real
+    number, not a bool, within ``MAX_ABS_REWARD``), else RewardFunctionError naming the verifier.
+    """
     if len(completions) != len(examples):
         raise ValueError(
             f"score_batch: {len(completions)} completions but {len(examples)} examples"
         )
-    return [score(c, e) for c, e in zip(completions, examples, strict=True)]
+    out = []
+    for c, e in zip(completions, examples, strict=True):
+        value = score(c, e)
+        try:
+            out.append(reward_value(value))
+        except ValueError as err:
+            owner = getattr(score, "__self__", None)
+            name = getattr(score, "__qualname__", repr(score))
+            if owner is not None:
+                name = f"{type(owner).__name__}.{score.__name__}"
+            raise RewardFunctionError(
+                f"verifier {name} failed on the prompt {e.prompt[:80]!r}: {err}"
+            ) from None
+    return out
 
 
 class Task(ABC):

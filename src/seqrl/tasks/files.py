@@ -3,7 +3,9 @@
 A column mapping names which field holds the prompt, the reference answer and, for code, the
 tests; every other field is kept in ``Example.meta``. A malformed row is an error that names the
 file, the row (1-based, as an editor shows it; the header line of a CSV is row 0) and the field,
-or, with ``on_error="skip"``, is skipped and counted.
+or, with ``on_error="skip"``, is skipped and counted. Bytes that are not UTF-8 and text that
+cannot be written as UTF-8 (a lone surrogate from a ``"\\ud800"`` escape) are malformed rows too.
+Each example records where it came from in ``Example.source`` (``"data.jsonl, row 17"``).
 
 >>> rows = load_examples("examples/data/gsm8k_toy.jsonl", columns={"prompt": "question"})
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +40,38 @@ class LoadReport:
     first_problems: tuple[str, ...]  # up to 5 messages of skipped rows
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+"""What ``errors="surrogateescape"`` decodes a byte that is not UTF-8 to (valid UTF-8 never does)."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_byte(text: str) -> str | None:
+    """Where ``text`` (read with surrogateescape) holds a byte that is not UTF-8, else None."""
+    if text.isascii():
+        return None
+    found = _ESCAPED_BYTE.search(text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return (
+        f"byte 0x{byte:02x} at character {found.start() + 1} is not UTF-8 (save the file as "
+        "UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out` for a Latin-1 file)"
+    )
+
+
+def _open_text(path: Path, **kwargs):
+    """``path`` as UTF-8 text in which bad bytes are escaped (see :func:`_bad_byte`), not fatal."""
+    return path.open(encoding="utf-8", errors="surrogateescape", **kwargs)
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
+    with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
+                continue
+            if (problem := _bad_byte(line)) is not None:
+                yield line_no, DataError(problem)
                 continue
             try:
                 yield line_no, json.loads(line)
@@ -49,11 +80,24 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for i, name in enumerate(header, start=1):  # every row needs it: no skipping past it
+            if (problem := _bad_byte(name)) is not None:
+                raise DataError(f"{path}, row 0 (the header), column {i}: {problem}")
         for row_no, row in enumerate(reader, start=1):
             if None in row:  # more cells than header columns
                 yield row_no, DataError(f"{len(row[None])} more cell(s) than the header has")
+                continue
+            problems = [
+                (column, problem)
+                for column, cell in row.items()
+                if cell and (problem := _bad_byte(cell)) is not None
+            ]
+            if problems:
+                column, problem = problems[0]
+                yield row_no, DataError(f"field {column!r}: {problem}")
             else:
                 yield row_no, row
 
@@ -98,7 +142,9 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[tuple[i
     return {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
 
 
-def _example(row: Any, columns: Mapping[str, str], required: tuple[str, ...]) -> Example:
+def _example(
+    row: Any, columns: Mapping[str, str], required: tuple[str, ...], source: str | None = None
+) -> Example:
     if not isinstance(row, Mapping):
         raise DataError(f"expected an object with fields, got {type(row).__name__}")
     values: dict[str, Any] = {}
@@ -118,11 +164,24 @@ def _example(row: Any, columns: Mapping[str, str], required: tuple[str, ...]) ->
                 f"field {columns.get(field, field)!r} ({field}) must be text or a number, "
                 f"got {type(values[field]).__name__}"
             )
+    for field in ("prompt", "answer", "tests"):
+        value = values.get(field)
+        if isinstance(value, str) and (found := _SURROGATE.search(value)) is not None:
+            raise DataError(
+                f"field {columns.get(field, field)!r} ({field}) holds a lone surrogate "
+                f"{found.group()!r} at character {found.start() + 1}, which no tokenizer can "
+                "encode (a broken \\u escape in the file?)"
+            )
     used = {columns.get(f, f) for f in FIELDS}
     meta = {k: v for k, v in row.items() if k not in used}
     if "tests" in values:
         meta["tests"] = values["tests"]
-    return Example(prompt=str(values["prompt"]), answer=str(values.get("answer", "")), meta=meta)
+    return Example(
+        prompt=str(values["prompt"]),
+        answer=str(values.get("answer", "")),
+        meta=meta,
+        source=source,
+    )
 
 
 def load_examples(
@@ -149,7 +208,7 @@ def load_examples(
         try:
             if isinstance(row, DataError):
                 raise row
-            examples.append(_example(row, columns, required))
+            examples.append(_example(row, columns, required, f"{path}, row {row_no}"))
         except DataError as err:
             message = f"{path}, row {row_no}: {err}"
             if on_error == "raise":

@@ -11,6 +11,7 @@ the sandbox; ``"exact"``: the completion's first token equals the reference exac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -65,7 +66,7 @@ class FileTask:
                 self.reports[split] = report
 
     def _templated(self, e: Example) -> Example:
-        return Example(self.prompt_template.format(prompt=e.prompt), e.answer, e.meta)
+        return dataclasses.replace(e, prompt=self.prompt_template.format(prompt=e.prompt))
 
     def max_examples(self, split: str) -> int:
         return len(self._splits.get(split, []))

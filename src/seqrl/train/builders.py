@@ -23,6 +23,8 @@ from seqrl.models.load import enable_gradient_checkpointing
 from seqrl.models.lora import AdaptersOff, apply_lora
 from seqrl.models.moe import is_moe
 from seqrl.rollout import FastSampler, HFSampler, Sampler
+from seqrl.tasks.files import DataError
+from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
 from seqrl.tasks.rewards import resolve_terms
 from seqrl.train import dist as dist_lib
 from seqrl.train.critic import Critic, CriticSettings
@@ -213,14 +215,61 @@ def build_sampler(
     )
 
 
-def build_task_data(cfg: RunConfig, tokenizer):
-    """(task, train examples, eval examples): prompts as the policy sees them (chat template)."""
+def build_task_data(cfg: RunConfig, tokenizer, model=None):
+    """(task, train examples, eval examples): prompts as the policy sees them (chat template).
+
+    Every prompt must fit in ``task.max_prompt_tokens`` tokens, by default the model's context
+    minus the generation budget (:mod:`seqrl.tasks.lengths`; no check without either). A longer
+    prompt is a :class:`~seqrl.tasks.files.DataError` naming its file and row, or with
+    ``task.on_error=skip`` (data files) is left out and counted in the task's ``reports``.
+    """
     task = cfg.task.build()
     train = task.examples("train", min(cfg.task.train_size, task.max_examples("train")))
     test = task.examples("test", min(cfg.task.eval_size, task.max_examples("test")))
     if cfg.task.chat_template:  # the prompts the policy sees; verification is unchanged
         train, test = _in_chat(tokenizer, train), _in_chat(tokenizer, test)
+    context = context_length(model)
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
+        context = min(context or cfg.rollout.vllm.max_model_len, cfg.rollout.vllm.max_model_len)
+    budget = cfg.rollout.max_new_tokens or task.max_new_tokens
+    limit, why = prompt_limit(cfg.task.max_prompt_tokens, context, max_new_tokens=budget)
+    if limit is not None:
+        train, test = (
+            _fitting(cfg, task, tokenizer, examples, limit, why, split)
+            for examples, split in ((train, "train"), (test, "test"))
+        )
     return task, train, test
+
+
+def _fitting(cfg: RunConfig, task, tokenizer, examples: list, limit: int, why: str, split: str):
+    """The examples whose prompt fits in ``limit`` tokens; file rows left out are counted."""
+    reports = getattr(task, "reports", {})
+    if split in reports:  # rows of a data file
+        kw = dict(on_error=cfg.task.on_error)
+    else:  # a generated prompt: the budget, not the data, is wrong
+        kw = dict(fix="lower rollout.max_new_tokens, or set task.max_prompt_tokens")
+    kept, problems = check_prompt_lengths(examples, tokenizer, limit, why=why, split=split, **kw)
+    if problems:
+        r = reports[split]
+        reports[split] = dataclasses.replace(
+            r, skipped=r.skipped + len(problems), first_problems=(*r.first_problems, *problems)[:5]
+        )
+    if not kept:
+        raise DataError(
+            f"no prompt of the {split} split fits in {limit} tokens ({why}); "
+            f"first: {problems[0] if problems else '-'}"
+        )
+    return kept
+
+
+def data_notes(task) -> list[str]:
+    """One line per data file with skipped rows (``task.on_error=skip``), for the console."""
+    return [
+        f"{split} data {r.path}: {r.skipped} of {r.rows} rows skipped (task.on_error=skip); "
+        f"first: {r.first_problems[0]}"
+        for split, r in getattr(task, "reports", {}).items()
+        if r.skipped
+    ]
 
 
 def _in_chat(tokenizer, examples: list) -> list:
@@ -246,7 +295,9 @@ def sampling_settings(cfg: RunConfig, task, max_new_tokens: int) -> SamplingSett
         overlong_buffer=rw.overlong_buffer,
         overlong_penalty_factor=rw.overlong_penalty_factor,
         overlong_filter=rw.overlong_filter,
-        reward_terms=resolve_terms([(t.fn, t.weight) for t in rw.terms], task),
+        reward_terms=resolve_terms(
+            [(t.fn, t.weight) for t in rw.terms], task, timeout_s=rw.timeout_s
+        ),
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor
 
 from seqrl.config import RunConfig, load_config
@@ -89,7 +90,11 @@ class Trainer:
         self.ref_model = B.build_reference(cfg, self.model, loss, self.device)
         self.critic = B.build_critic(cfg, self.model, self.tokenizer, self.device, self.dist)
         self.model, self.ref_model = B.add_lora(cfg, self.model, self.ref_model, loss, self.dist)
-        self.task, self.train_examples, self.eval_examples = B.build_task_data(cfg, self.tokenizer)
+        self.task, self.train_examples, self.eval_examples = B.build_task_data(
+            cfg, self.tokenizer, self.model
+        )
+        for note in B.data_notes(self.task) if self.dist.is_main else ():
+            self.console.print(Text.assemble(("note: ", "yellow"), note))
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         self.sampler = B.build_sampler(
             cfg,
