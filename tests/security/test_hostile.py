@@ -94,6 +94,7 @@ def _as_nobody(*cmd, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*setpriv, *cmd], capture_output=True, text=True, env=env, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the tests already run as an unprivileged user")
 def test_the_battery_holds_for_an_unprivileged_trainer():
     """Copy the sandbox and the battery where nobody can read them, and run it as nobody."""
@@ -107,7 +108,7 @@ def test_the_battery_holds_for_an_unprivileged_trainer():
     python = next((p for p in pythons if _as_nobody(p, "-c", check).returncode == 0), None)
     if python is None:
         pytest.skip("no Python interpreter (3.10+) that nobody can run")
-    with tempfile.TemporaryDirectory() as tmp:  # under /tmp: nobody can reach it
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # not $TMPDIR: nobody must reach it
         report = _battery_as_nobody(python, Path(tmp))
     userns = _as_nobody("bwrap", "--unshare-all", "--unshare-user", "--ro-bind", "/", "/", "true")
     if userns.returncode == 0:  # nobody can use bubblewrap here: the whole battery must hold

@@ -43,12 +43,14 @@ import importlib
 import math
 import numbers
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so the verifiers import without it
+    from torch import Tensor
 
 RewardFn = Callable[[str, object], float]
 
@@ -81,7 +83,8 @@ def reward_value(value: object) -> float:
     ``|value| ≤ MAX_ABS_REWARD``. Refused: bool (True is not a reward of 1 by accident),
     strings, containers, NaN, ±inf and anything larger.
     """
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only come from an imported torch
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(
                 f"it returned a tensor of shape {tuple(value.shape)} and dtype {value.dtype}, "
@@ -160,6 +163,8 @@ def term_rewards(
     overruns its ``timeout_s`` stops with :class:`RewardFunctionError` naming the term and the
     example, rather than training on a silently wrong reward or waiting forever.
     """
+    import torch
+
     out = torch.zeros(len(terms), len(completions), dtype=torch.float64)
     pairs = list(zip(completions, examples, strict=True))
     calls = [(i, j) for i in range(len(terms)) for j in range(len(pairs))]
