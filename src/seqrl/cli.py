@@ -1,4 +1,4 @@
-"""The ``seqrl`` command line: train, sft, eval, presets, plot, diagnose."""
+"""The ``seqrl`` command line: train, sft, eval, presets, plot, compare, diagnose."""
 
 from __future__ import annotations
 
@@ -429,6 +429,62 @@ def tail_effect(
     typer.echo(f"separated from position (from end):   {where(r['first_separated_from_end'])}")
     typer.echo(r["png"])
     typer.echo(r["json"])
+
+
+@app.command()
+def compare(
+    arms: Annotated[
+        list[str],
+        typer.Argument(
+            help="arms: [LABEL:]SPEC, SPEC = a YAML file or preset and/or key=value overrides "
+            "in one quoted argument, e.g. 'grpo:preset=grpo algo.loss.kl_coef=0'"
+        ),
+    ],
+    seeds: Annotated[
+        list[int] | None, typer.Option(help="seeds: --seeds 0 1 2 (default 0 1 2)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="train.steps of every run")] = None,
+    wall_clock: Annotated[
+        float | None,
+        typer.Option(help="training-time budget per run in seconds (train.time_limit_s)"),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="accuracy target: absolute (0.8) or a gain over the start (+0.05)"),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="the report directory")] = Path("compare"),
+    set_: Annotated[
+        list[str], typer.Option("--set", help="an override every arm gets: --set optim.lr=1e-5")
+    ] = [],  # noqa: B006
+    metric: Annotated[str, typer.Option(help="the accuracy metric")] = "eval/sampled_acc",
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads of each run")] = 1,
+) -> None:
+    """Run every arm for every seed (one process each) and write a comparison report."""
+    from seqrl.compare import CompareError, compare
+    from seqrl.config import ConfigError
+
+    # `--seeds 0 1 2`: click gives the option its first value and the rest arrive as arguments
+    extra = [int(a) for a in arms if a.isdigit()]
+    arms = [a for a in arms if not a.isdigit()]
+    seeds = [*(seeds or []), *extra] or [0, 1, 2]
+    try:
+        report = compare(
+            arms,
+            seeds,
+            out=out,
+            steps=steps,
+            wall_clock=wall_clock,
+            target=target,
+            common=set_,
+            metric=metric,
+            threads=threads,
+            echo=typer.echo,
+        )
+    except (CompareError, ConfigError) as err:
+        _fail(str(err))
+    typer.echo((out / "report.md").read_text())
+    for path in report.files:
+        typer.echo(str(path))
 
 
 @app.command()

@@ -274,6 +274,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_samples: int = Field(4, ge=0)  # decoded rollouts per step in samples.jsonl
     max_nonfinite_steps: int = Field(3, ge=0)
+    # stop once this much training time (Σ time/step_s: rollout + update, evaluation excluded)
+    # has been spent, after the step that crosses it; train.steps stays the upper bound
+    time_limit_s: float | None = Field(None, gt=0)
 
 
 # ---- critic (SPPO scalar prompt critic, PPO-GAE token critic) --------------------------------

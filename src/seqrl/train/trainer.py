@@ -63,6 +63,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     wall_time_s: float = 0.0
+    train_time_s: float = 0.0  # Σ time/step_s (what train.time_limit_s bounds)
     evals: dict = field(default_factory=dict)  # step → {"eval/greedy_acc": ..., ...}
 
 
@@ -379,6 +380,8 @@ class Trainer:
             start_wall = time.perf_counter() - self.state.wall_time_s
             with self._progress() as (progress, bar):
                 for step in range(self.state.step + 1, cfg.train.steps + 1):
+                    if self._out_of_time():
+                        break
                     metrics = self._run_step(step, start_wall)
                     progress.update(bar, advance=1, info=self._progress_info(metrics))
             if self.state.step not in self.state.evals:
@@ -406,6 +409,7 @@ class Trainer:
             ) from err
         self.state.step = step
         self.state.wall_time_s = time.perf_counter() - start_wall
+        self.state.train_time_s += metrics["time/step_s"]
         self.logger.log(step, metrics)
         self._count_nonfinite(int(metrics["train/nonfinite_skipped"]))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
@@ -413,6 +417,10 @@ class Trainer:
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             self._save()
         return metrics
+
+    def _out_of_time(self) -> bool:
+        limit = self.cfg.train.time_limit_s
+        return limit is not None and self.state.train_time_s >= limit
 
     def _count_nonfinite(self, skipped: int) -> None:
         s = self.state
