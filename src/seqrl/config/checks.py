@@ -48,6 +48,16 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
             f"averages the other samples of the prompt), got {cfg.rollout.group_size}"
         )
+    if cfg.rollout.old_logprobs_source == "sampler" and cfg.rollout.top_p < 1:
+        problems.append(
+            f"rollout.old_logprobs_source='sampler' cannot be combined with rollout.top_p="
+            f"{cfg.rollout.top_p:g}: the sampler's log-probs are renormalised over the top-p "
+            "nucleus while the update's π_θ is the full softmax, so at θ = θ_old every ratio "
+            "π_θ/π_old is the nucleus mass, below 1 (GSPO's 3e-4 lower clip would stop every "
+            "negative-advantage response from the first minibatch on); use "
+            "rollout.old_logprobs_source=recompute (algo.mismatch can then correct for the "
+            "nucleus), or rollout.top_p=1"
+        )
     if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
         problems.append(
             "moe.routing_replay records the old policy's routing while it recomputes the old "
