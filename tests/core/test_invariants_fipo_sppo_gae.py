@@ -158,6 +158,27 @@ def test_inv15_sppo_advantage_is_reward_minus_sigmoid_bounded_and_signed():
     assert not C.sppo_advantages(R, zg).requires_grad
 
 
+def test_sppo_advantage_with_shaped_rewards_baselines_the_outcome_part():
+    """R = r_c or r_w (+ extras): the baseline is the critic's expected outcome reward
+    r_w + (r_c − r_w)·V, so E[A | prompt] = extras when V is the prompt's success rate."""
+    z = randn(6, seed=4, scale=2.0)
+    p = torch.sigmoid(z)
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dtype=DT)
+    for r_c, r_w in ((1.0, -1.0), (1.0, 0.0), (2.0, 0.5)):
+        R = r_w + (r_c - r_w) * correct
+        A = C.sppo_advantages(R, z, correct_reward=r_c, incorrect_reward=r_w)
+        assert_close(A, (r_c - r_w) * (correct - p), **TIGHT)  # the paper's A, rescaled
+        expected = p * (r_c - (r_w + (r_c - r_w) * p)) + (1 - p) * (r_w - (r_w + (r_c - r_w) * p))
+        assert_close(expected, torch.zeros_like(p), **TIGHT)  # an unbiased baseline
+    # extra shaping (e.g. an overlong penalty) passes through the advantage unbaselined
+    penalty = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.25, 0.0], dtype=DT)
+    A = C.sppo_advantages(2 * correct - 1 + penalty, z, incorrect_reward=-1.0)
+    assert_close(A, 2 * (correct - p) + penalty, **TIGHT)
+    assert torch.equal(
+        C.sppo_advantages(correct, z, incorrect_reward=0.0), C.sppo_advantages(correct, z)
+    )
+
+
 def test_inv15_sppo_advantage_independent_of_response_length():
     """The same (R, z) gives the same A whatever the response length; every token gets it."""
     R = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=DT)

@@ -165,6 +165,14 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
             f"critic.kind={kind!r} but algo.advantage={adv!r} does not use a critic: set "
             "critic.kind=none, or algo.advantage=sppo (scalar) / gae (token)"
         )
+    shaping = reward_shaping(cfg)
+    if kind == "token" and cfg.critic.token_loss == "bce" and shaping:
+        out.append(
+            "critic.token_loss='bce' (the SPPO paper's PPO + BCE ablation) trains V(s_t) = σ(z_t) "
+            "towards the 0/1 outcome, and GAE uses that V as the baseline of the reward, which "
+            f"is then on another scale: {', '.join(shaping)}; remove the shaping, or use "
+            "critic.token_loss=mse (a value function of the shaped return)"
+        )
     if cfg.critic.lora and not cfg.model.lora.r:
         out.append("critic.lora=true uses model.lora's settings: set model.lora.r > 0 (e.g. 8)")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
@@ -174,6 +182,18 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
             f"{batch} sequences per step do not split into critic.num_minibatches={minibatches} "
             "equal minibatches"
         )
+    return out
+
+
+def reward_shaping(cfg: RunConfig) -> list[str]:
+    """The settings that make the policy's reward differ from the verifier's 0/1 outcome."""
+    rw, out = cfg.reward, []
+    if rw.incorrect != 0:
+        out.append(f"reward.incorrect={rw.incorrect:g}")
+    if rw.overlong_buffer is not None:
+        out.append(f"reward.overlong_buffer={rw.overlong_buffer}")
+    if rw.terms:
+        out.append(f"reward.terms ({', '.join(t.fn for t in rw.terms)})")
     return out
 
 
@@ -235,6 +255,15 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"SPPO with rollout.group_size={cfg.rollout.group_size}: the paper samples one "
             "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
             "cost rollout time without changing the estimator"
+        )
+    shaping = reward_shaping(cfg)
+    if cfg.algo.advantage == "sppo" and shaping:
+        out.append(
+            f"SPPO with a shaped reward ({', '.join(shaping)}): the critic still learns "
+            "P(correct) from the verifier's 0/1 outcome, and the advantage is "
+            "A = R − (r_w + (1 − r_w)·V) with r_w = reward.incorrect, so the outcome part is "
+            "baselined and any overlong penalty or extra term enters A as it is; the paper's "
+            "reward is the 0/1 outcome (reward.incorrect=0, no shaping)"
         )
     if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
         out.append(

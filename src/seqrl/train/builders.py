@@ -155,6 +155,7 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
         gamma=c.gamma,
         lam=c.lam,
         whiten=c.whiten,
+        incorrect_reward=cfg.reward.incorrect,
     )
     dist_lib.broadcast_module(model, dist)
     return Critic(model, optimizer, scheduler, settings, dist)

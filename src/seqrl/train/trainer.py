@@ -183,7 +183,9 @@ class Trainer:
             return adv, {}
         t0 = time.perf_counter()  # values before the critic's update, then its update
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 500_000)
-        adv, metrics = critic_lib.critic_step(self.critic, rollout.batch, rollout.rewards, gen)
+        adv, metrics = critic_lib.critic_step(
+            self.critic, rollout.batch, rollout.rewards, gen, outcomes=rollout.correct
+        )
         return adv, metrics | {"time/critic_s": time.perf_counter() - t0}
 
     def old_logprobs(self, batch: RolloutBatch) -> tuple[Tensor | None, object]:
