@@ -214,7 +214,7 @@ def test_malformed_overrides_are_clear():
             "algo.loss.clip_hihg=0.3",
             "unknown key 'algo.loss.clip_hihg'; did you mean 'algo.loss.clip_high'?",
         ),
-        ("algo.kl_coef=0.1", "did you mean 'algo.loss.kl_coef'?"),
+        ("algo.kl_coef=0.1", "did you mean 'reward.kl_coef' or 'algo.loss.kl_coef'?"),
         ("train.lr=1e-3", "did you mean 'optim.lr' or 'critic.lr'?"),
         ("algo.loss.loss_agg_mode=token-mean", "seqrl calls it 'algo.loss.agg'"),
         ("optim.learning_rate=1e-3", "seqrl calls it 'optim.lr'"),

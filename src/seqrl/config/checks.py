@@ -194,6 +194,8 @@ def reward_shaping(cfg: RunConfig) -> list[str]:
         out.append(f"reward.overlong_buffer={rw.overlong_buffer}")
     if rw.terms:
         out.append(f"reward.terms ({', '.join(t.fn for t in rw.terms)})")
+    if cfg.reward.kl_coef:
+        out.append(f"reward.kl_coef={cfg.reward.kl_coef:g}")
     return out
 
 
@@ -238,6 +240,13 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             f"{name} is fully on-policy (algo.num_minibatches × algo.ppo_epochs = 1 with "
             "rollout.old_logprobs_source='recompute'): the importance ratio is exactly 1, so "
             f"{what}clipping never acts; use algo.num_minibatches > 1 (GSPO uses 4)"
+        )
+    if cfg.reward.kl_coef and loss.kl_coef:
+        out.append(
+            f"reward.kl_coef={cfg.reward.kl_coef:g} and algo.loss.kl_coef="
+            f"{loss.kl_coef:g}: the KL to the reference is penalised twice, in the reward and in "
+            "the loss; the papers use one placement (RLOO, ReMax, PPO: the reward; GRPO: the "
+            "loss), so set one of them to 0"
         )
     if cfg.moe.routing_replay and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
         out.append(

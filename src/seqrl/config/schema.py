@@ -191,6 +191,11 @@ class RewardConfig(_Section):
     overlong_filter: bool = False  # mask truncated responses out of the loss
     # extra terms added to the verifier's reward, e.g. [{fn: format, weight: 0.1}]
     terms: tuple[RewardTermConfig, ...] = ()
+    # KL in the reward (PPO / RLOO / ReMax style, as the SPPO paper's RLOO and ReMax baselines):
+    # every response token's reward gets −β·k(log π_old − log π_ref) before the advantages; a
+    # frozen reference is built for it. algo.loss.kl_coef is the other placement, in the loss.
+    kl_coef: float = Field(0.0, ge=0)  # β; 0 = off
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
 
 
 class MismatchConfig(_Section):

@@ -153,6 +153,28 @@ def token_level_rewards(
     return rewards
 
 
+def reward_kl_penalty(
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+    kl_estimator: KLEstimator = "k1",
+) -> Tensor:
+    """The per-token penalty of a KL in the reward (spec §0.4, §4.4–§4.6): [B, T] → [B, T].
+
+        p_t = β · k(log π_old − log π_ref)_t          (k1 = log π_old − log π_ref by default)
+
+    Token-level rewards are r_t − p_t (PPO-GAE, ReMax's verl form); a sequence reward is
+    R − Σ_t p_t (RLOO and the other sequence-level estimators, verl's sum of token rewards).
+    Computed from the behaviour policy, so no gradient; 0 where ``mask`` is False.
+    """
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    kl = kl_estimate(old_logprobs.detach(), ref_logprobs.detach(), mask, kl_estimator)  # [B, T]
+    return kl_coef * kl
+
+
 def gae_advantages(
     token_rewards: Tensor,
     values: Tensor,

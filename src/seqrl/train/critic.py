@@ -108,11 +108,14 @@ class Critic:
         rewards: Tensor,
         values: Tensor,
         outcomes: Tensor | None = None,
+        kl_penalty: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(advantages, critic targets): scalar ([B], targets [B]); token ([B, T], [B, T]).
 
         ``rewards`` [B] are the policy's (shaped) rewards; ``outcomes`` [B] the verifier's 0/1
-        verdicts (None: ``rewards`` are those verdicts). The scalar critic and the token critic
+        verdicts (None: ``rewards`` are those verdicts); ``kl_penalty`` [B, T] a KL in the
+        reward (:func:`seqrl.core.reward_kl_penalty`; None = none), subtracted from each token's
+        reward, or summed from the sequence reward. The scalar critic and the token critic
         with the BCE loss learn P(correct), so their targets come from the outcome; the
         advantages always use the shaped reward. The token critic with the squared error
         regresses on the shaped return, the value of the reward the policy maximises.
@@ -121,9 +124,13 @@ class Critic:
         outcomes = rewards if outcomes is None else outcomes.to(rewards)
         s, mask = self.settings, batch.response_mask
         if self.kind == "scalar":
+            if kl_penalty is not None:  # a sequence reward: R − Σ_t p_t
+                rewards = rewards - C.masked_sum(kl_penalty.to(rewards), mask, dim=-1)
             adv = C.sppo_advantages(rewards, values, incorrect_reward=s.incorrect_reward)
             return adv, outcomes
         token_rewards = C.token_level_rewards(rewards, mask).to(values.dtype)  # [B, T]
+        if kl_penalty is not None:  # r_t − p_t on every valid token
+            token_rewards = token_rewards - torch.where(mask, kl_penalty.to(values), 0.0)
         advantages, returns = C.gae_advantages(
             token_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=False
         )
@@ -301,14 +308,16 @@ def critic_step(
     rewards: Tensor,
     generator: torch.Generator,
     outcomes: Tensor | None = None,
+    kl_penalty: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Values before the update → advantages → critic update; returns (advantages, metrics).
 
     ``outcomes`` [B]: the verifier's 0/1 verdicts, the target of a critic that learns
-    P(correct) (None: ``rewards`` are those verdicts). See :meth:`Critic.advantages`.
+    P(correct) (None: ``rewards`` are those verdicts); ``kl_penalty`` [B, T]: a KL in the
+    reward. See :meth:`Critic.advantages`.
     """
     values = critic.values(batch)  # [B] logits or [B, T] values, θ_critic before its update
-    advantages, targets = critic.advantages(batch, rewards, values, outcomes)
+    advantages, targets = critic.advantages(batch, rewards, values, outcomes, kl_penalty)
     lr = critic.optimizer.param_groups[0]["lr"]
     metrics = critic.update(batch, targets, values, generator)
     if critic.kind == "scalar":
