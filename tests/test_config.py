@@ -459,6 +459,15 @@ def test_fully_on_policy_fipo_warns():
     assert validate_warnings(sampler) == []
 
 
+def test_an_inert_fipo_safety_ablation_warns():
+    """At FIPO's 32B settings the safety threshold equals the dual-clip c = 10: switching the
+    rule off there changes no gradient (the core test pins it), so the config says so."""
+    (warning,) = validate_warnings(load_config("fipo", ["algo.loss.safety_threshold=null"]))
+    assert "safety_threshold=None" in warning and "no update" in warning
+    assert validate_warnings(load_config("fipo", ["algo.loss.safety_threshold=3"])) == []
+    assert validate_warnings(load_config("fipo_7b", ["algo.loss.safety_threshold=null"])) == []
+
+
 def test_dynamic_sampling_with_one_sample_per_prompt_warns():
     cfg = load_config("remax", ["rollout.dynamic_sampling=true"])
     assert any("keeps every group" in w for w in validate_warnings(cfg))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from seqrl.core.fipo import FIPO_PRESETS
 from seqrl.core.losses import POLICY_LOSS_DEFAULTS, resolve_policy_loss_config
 
 if TYPE_CHECKING:  # annotations only: the schema imports this module
@@ -248,6 +249,7 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "the loss; the papers use one placement (RLOO, ReMax, PPO: the reward; GRPO: the "
             "loss), so set one of them to 0"
         )
+    out += _inert_safety_ablation(cfg, loss)
     if cfg.moe.routing_replay and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
         out.append(
             "moe.routing_replay with one update per rollout (algo.num_minibatches × "
@@ -292,3 +294,30 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "is 0 and nothing is learnt; use group_size >= 2 or algo.advantage='remax'"
         )
     return out
+
+
+def _inert_safety_ablation(cfg: RunConfig, loss) -> list[str]:
+    """FIPO's safety rule at a threshold ≥ the dual-clip c touches only dual-clipped tokens (zero
+    gradient): an explicit change between such thresholds (or to off) changes no update."""
+    c = loss.dual_clip_c
+    if not loss.future_kl_weights or c is None:
+        return []
+    if "safety_threshold" not in cfg.algo.loss.overrides():
+        return []
+    rest = {k: v for k, v in cfg.loss_overrides().items() if k != "safety_threshold"}
+    if "safety_threshold" in (FIPO_PRESETS.get(cfg.algo.fipo_preset) or {}):
+        rest["safety_threshold"] = FIPO_PRESETS[cfg.algo.fipo_preset]["safety_threshold"]
+    before = resolve_policy_loss_config(cfg.algo.name, **rest).safety_threshold
+
+    def inert(threshold: float | None) -> bool:
+        return threshold is None or threshold >= c
+
+    if not (inert(before) and inert(loss.safety_threshold)):
+        return []
+    return [
+        f"algo.loss.safety_threshold={loss.safety_threshold} (default here {before}) with "
+        f"dual_clip_c={c:g}: FIPO's safety rule only changes tokens with Â < 0 and a ratio above "
+        "the threshold, and at a threshold ≥ c those tokens are dual-clipped (zero gradient), so "
+        "this changes the loss value and fipo/* metrics but no update; to ablate the rule, "
+        "compare against a threshold below c (the 7B setting is 3)"
+    ]
