@@ -195,8 +195,8 @@ def reward_shaping(cfg: RunConfig) -> list[str]:
         out.append(f"reward.overlong_buffer={rw.overlong_buffer}")
     if rw.terms:
         out.append(f"reward.terms ({', '.join(t.fn for t in rw.terms)})")
-    if cfg.reward.kl_coef:
-        out.append(f"reward.kl_coef={cfg.reward.kl_coef:g}")
+    if rw.kl_coef:
+        out.append(f"reward.kl_coef={rw.kl_coef:g}")
     return out
 
 

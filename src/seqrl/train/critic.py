@@ -115,7 +115,8 @@ class Critic:
         ``rewards`` [B] are the policy's (shaped) rewards; ``outcomes`` [B] the verifier's 0/1
         verdicts (None: ``rewards`` are those verdicts); ``kl_penalty`` [B, T] a KL in the
         reward (:func:`seqrl.core.reward_kl_penalty`; None = none), subtracted from each token's
-        reward, or summed from the sequence reward. The scalar critic and the token critic
+        reward (token critic) or, summed over tokens, from the sequence reward (scalar critic).
+        The scalar critic and the token critic
         with the BCE loss learn P(correct), so their targets come from the outcome; the
         advantages always use the shaped reward. The token critic with the squared error
         regresses on the shaped return, the value of the reward the policy maximises.
