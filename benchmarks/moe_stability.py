@@ -8,7 +8,8 @@ All arms start from the shipped ``builtin:tiny-moe-addition-noisy`` (a Qwen3-MoE
 experts, top-2, supervised warm start on 3-digit addition) and share the task, data order,
 seeds, group size, learning rate, minibatches per rollout (default 8, so 7 of 8 updates are
 off-policy) and no KL term. They differ only in the loss (``grpo``: token ratio clipped to
-[0.8, 1.2]; ``gspo``: sequence ratio clipped to [3e-4, 4e-4]) and ``moe.routing_replay``.
+[0.8, 1.27], the GSPO paper's tuned range for its GRPO baseline, §5.1; ``gspo``: sequence ratio
+clipped to [3e-4, 4e-4]) and ``moe.routing_replay``.
 
 Reported per arm (mean ± sd over seeds): held-out greedy accuracy at start and end, training
 accuracy, ``moe/routing_churn`` (share of (response token, layer) pairs whose top-k set under
@@ -38,9 +39,11 @@ import torch
 from _common import markdown_table, run_arms
 from seqrl.train.metrics import metric_series
 
+# GRPO as the GSPO paper's baseline (§5.1): clip [0.2, 0.27] (its tuned range), no KL term
+GRPO = ["algo.name=grpo", "algo.loss.clip_high=0.27"]
 ARMS = {
-    "GRPO": ["algo.name=grpo", "moe.routing_replay=false"],
-    "GRPO + replay": ["algo.name=grpo", "moe.routing_replay=true"],
+    "GRPO": [*GRPO, "moe.routing_replay=false"],
+    "GRPO + replay": [*GRPO, "moe.routing_replay=true"],
     "GSPO": ["algo.name=gspo", "moe.routing_replay=false"],
 }
 COLORS = {"GRPO": "tab:blue", "GRPO + replay": "tab:green", "GSPO": "tab:red"}

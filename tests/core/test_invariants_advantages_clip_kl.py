@@ -547,3 +547,23 @@ def test_inv31_kl_estimators_are_unbiased_on_a_small_categorical():
     # k2 is biased (E[k2] ≠ KL in general): guards against swapping the estimators
     k2 = C.kl_estimate(pi.log()[None], ref.log()[None], support, "k2")[0]
     assert abs(float((pi * k2).sum()) - kl) > 0.01
+
+
+def test_reward_kl_penalty_is_beta_k_of_old_against_ref_and_sums_to_the_token_rewards():
+    """p_t = β·k(log π_old − log π_ref), 0 on padding, detached; R − Σ_t p_t is the sum of
+    token_level_rewards' per-token rewards (the score at the last valid token)."""
+    old, ref, mask = _batch(11, [5, 2, 4], 6)
+    scores = torch.tensor([1.0, 0.0, -1.0], dtype=DT)
+    for est in ("k1", "k2", "k3"):
+        p = C.reward_kl_penalty(old.requires_grad_(), ref, mask, kl_coef=0.01, kl_estimator=est)
+        assert not p.requires_grad and bool((p[~mask] == 0).all())
+        assert_close(p, 0.01 * C.kl_estimate(old.detach(), ref, mask, est), **EXACT)
+        tok = C.token_level_rewards(
+            scores, mask, old_logprobs=old, ref_logprobs=ref, kl_coef=0.01, kl_estimator=est
+        )
+        assert_close(scores - p.sum(-1), tok.sum(-1), **EXACT)
+    k1 = C.reward_kl_penalty(old, ref, mask, kl_coef=0.5)
+    assert_close(k1, torch.where(mask, 0.5 * (old - ref), 0.0).detach(), **EXACT)
+    assert torch.equal(C.reward_kl_penalty(old, old, mask, kl_coef=0.5), torch.zeros_like(old))
+    with pytest.raises(ValueError, match="kl_coef"):
+        C.reward_kl_penalty(old, ref, mask, kl_coef=-1.0)

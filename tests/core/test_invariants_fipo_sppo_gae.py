@@ -158,6 +158,27 @@ def test_inv15_sppo_advantage_is_reward_minus_sigmoid_bounded_and_signed():
     assert not C.sppo_advantages(R, zg).requires_grad
 
 
+def test_sppo_advantage_with_shaped_rewards_baselines_the_outcome_part():
+    """R = r_c or r_w (+ extras): the baseline is the critic's expected outcome reward
+    r_w + (r_c − r_w)·V, so E[A | prompt] = extras when V is the prompt's success rate."""
+    z = randn(6, seed=4, scale=2.0)
+    p = torch.sigmoid(z)
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dtype=DT)
+    for r_c, r_w in ((1.0, -1.0), (1.0, 0.0), (2.0, 0.5)):
+        R = r_w + (r_c - r_w) * correct
+        A = C.sppo_advantages(R, z, correct_reward=r_c, incorrect_reward=r_w)
+        assert_close(A, (r_c - r_w) * (correct - p), **TIGHT)  # the paper's A, rescaled
+        expected = p * (r_c - (r_w + (r_c - r_w) * p)) + (1 - p) * (r_w - (r_w + (r_c - r_w) * p))
+        assert_close(expected, torch.zeros_like(p), **TIGHT)  # an unbiased baseline
+    # extra shaping (e.g. an overlong penalty) passes through the advantage unbaselined
+    penalty = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.25, 0.0], dtype=DT)
+    A = C.sppo_advantages(2 * correct - 1 + penalty, z, incorrect_reward=-1.0)
+    assert_close(A, 2 * (correct - p) + penalty, **TIGHT)
+    assert torch.equal(
+        C.sppo_advantages(correct, z, incorrect_reward=0.0), C.sppo_advantages(correct, z)
+    )
+
+
 def test_inv15_sppo_advantage_independent_of_response_length():
     """The same (R, z) gives the same A whatever the response length; every token gets it."""
     R = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=DT)
@@ -514,6 +535,41 @@ def test_inv23_fipo_with_unit_weight_range_equals_dapo(drop):
     assert_close(fipo.loss, dapo.loss, **TIGHT)
     assert_close(g_f, g_d, **TIGHT)
     assert fipo.metrics["fipo/weight_min"] == 1 and fipo.metrics["fipo/weight_max"] == 1
+
+
+def _safety_batch():
+    """One token per negative row with ratio > c = 10 (so the drop rule keeps the row), and
+    positive shifts after it, so its future-KL weight would exceed 1 without the rule."""
+    B, T = 4, 8
+    mask = ragged_mask([8, 8, 6, 8], T)
+    old = randn(B, T, seed=60) - 2.5
+    lp = old + randn(B, T, seed=61, scale=0.05) + 0.05  # small positive drift: F > 0
+    lp[0, 2] = old[0, 2] + math.log(12.0)  # w = 12 > c, A < 0
+    lp[2, 1] = old[2, 1] + math.log(25.0)  # w = 25 > c, A < 0
+    lp[1, 3] = old[1, 3] + math.log(5.0)  # 3 < w = 5 < c, A < 0: only a threshold of 3 sees it
+    adv = torch.tensor([-1.0, -0.5, -2.0, 1.0], dtype=DT)
+    return lp, old, adv, mask
+
+
+@pytest.mark.parametrize("preset", ["official_32b", "7b"])
+def test_fipo_safety_rule_at_or_above_c_changes_no_gradient(preset):
+    """With a safety threshold ≥ the dual-clip constant c (FIPO's 32B setting: both 10), every
+    token the rule touches (Â < 0, w > threshold ≥ c) is dual-clipped, its loss −Ã·c has zero
+    gradient: switching the rule off or moving the threshold within [c, ∞) changes the loss
+    value and the fipo/* metrics, never the gradient. Below c (the 7B setting, 3) it does."""
+    lp, old, adv, mask = _safety_batch()
+    kw = {**C.FIPO_PRESETS[preset], "log_ratio_clamp": None}
+    runs = {
+        t: loss_and_grad("fipo", lp, old, adv, mask, **(kw | {"safety_threshold": t}))
+        for t in (None, 10.0, 20.0, 3.0)
+    }
+    (on, g_on), (off, g_off) = runs[10.0], runs[None]
+    assert on.metrics["fipo/dropped_seqs"] == 0 and on.metrics["policy/dual_clip_frac"] > 0
+    assert on.metrics["fipo/safety_frac"] > 0  # the rule fired on the w > 10 tokens
+    assert not torch.allclose(on.loss, off.loss)  # the loss value moves (f at those tokens)
+    assert torch.equal(g_on, g_off)  # the gradient does not, bit for bit
+    assert torch.equal(runs[20.0][1], g_off)
+    assert not torch.allclose(runs[3.0][1], g_off)  # below c the rule reaches live tokens
 
 
 def _drop_batch():

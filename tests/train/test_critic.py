@@ -1,6 +1,7 @@
 """Critics on real tiny Qwen2 models: spec invariants 15, 17, 18 and 32 at the model level,
 SPPO and PPO runs from the CLI, calibration, and the tail-effect diagnostic."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 import seqrl.core as C
-from seqrl.config import load_config
+from seqrl.config import ConfigError, load_config, validate_warnings
 from seqrl.models import build_tiny_model, build_tokenizer
 from seqrl.models.critic import build_critic
 from seqrl.rollout import RolloutBatch, response_mask_from_tokens
@@ -84,8 +85,6 @@ def test_inv15_sppo_advantage_is_r_minus_sigmoid_of_the_critic_before_its_update
 def test_scalar_critic_loss_is_the_mean_over_every_row_even_when_responses_are_masked():
     """Overlong filtering masks a response out of the policy loss; its reward still teaches
     V(prompt), so the scalar critic's BCE is the mean over all rows of the minibatch."""
-    import dataclasses
-
     critic, _, tok = make_critic("scalar", minibatches=1, micro=3)
     batch = make_batch(tok, PROMPTS, RESPONSES)
     masked = batch.response_mask.clone()
@@ -176,6 +175,71 @@ def test_ppo_bce_token_critic_is_a_per_token_sigmoid_trained_towards_the_reward(
     assert "critic/value_clip_frac" not in metrics  # the BCE loss, not the clipped MSE
     fitted = critic.values(batch)
     assert_close(fitted[mask], returns[mask], rtol=0, atol=0.15)  # 4 sequences: it can fit them
+
+
+# ---- the critic's target under reward shaping ------------------------------------------------
+
+OUTCOMES = torch.tensor([True, True, False, True])  # the verifier's verdicts behind REWARDS
+SHAPED = torch.tensor([1.0, 0.75, -1.0, 1.0])  # ±1 reward, row 1 with an overlong penalty
+
+
+def test_scalar_critic_learns_the_outcome_and_baselines_the_shaped_reward():
+    """reward.incorrect = −1 and a length penalty: BCE still targets the 0/1 outcome, and
+    A = R − (r_w + (1 − r_w)·σ(z)) with r_w = −1."""
+    critic, _, tok = make_critic("scalar", minibatches=1, micro=4)
+    critic.settings = dataclasses.replace(critic.settings, incorrect_reward=-1.0)
+    batch = make_batch(tok, PROMPTS, RESPONSES)
+    z = batch_values(critic.model, batch, "scalar", 4)  # [B], before the update
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, OUTCOMES.float()).item()
+    adv, metrics = critic_step(critic, batch, SHAPED, torch.Generator().manual_seed(0), OUTCOMES)
+    assert_close(adv, SHAPED - (-1.0 + 2.0 * torch.sigmoid(z)), rtol=0, atol=1e-6)
+    assert metrics["critic/target_mean"] == pytest.approx(0.75)  # targets are the 0/1 verdicts
+    assert metrics["critic/loss"] == pytest.approx(bce, rel=1e-5)
+
+
+def test_token_critic_targets_the_shaped_return_with_mse_and_the_outcome_with_bce():
+    batch = make_batch(make_critic("token")[2], PROMPTS, RESPONSES)
+    mask = batch.response_mask
+    mse, _, _ = make_critic("token", whiten=False)
+    values = mse.values(batch)
+    _, returns = mse.advantages(batch, SHAPED, values, OUTCOMES)  # γ = λ = 1: G_t = R
+    assert_close(returns, torch.where(mask, SHAPED[:, None], 0.0), rtol=0, atol=1e-6)
+    bce, _, _ = make_critic("token", "builtin:nano", whiten=False, token_loss="bce")
+    values = bce.values(batch)
+    adv, returns = bce.advantages(batch, OUTCOMES.float(), values, OUTCOMES)
+    assert_close(returns, torch.where(mask, OUTCOMES.float()[:, None], 0.0), rtol=0, atol=1e-6)
+    assert_close(adv, torch.where(mask, OUTCOMES.float()[:, None] - values, 0.0), rtol=0, atol=1e-6)
+
+
+def test_sppo_trainer_trains_its_critic_on_the_outcome_with_a_shaped_reward(tmp_path):
+    cfg = load_config(
+        "sppo",
+        [
+            "model.policy=builtin:nano",
+            "rollout.prompts_per_step=8",
+            "algo.micro_batch_size=8",
+            "reward.incorrect=-1",
+            "task.eval_size=4",
+            f"output_dir={tmp_path}",
+            "name=run",
+        ],
+    )
+    trainer = Trainer(cfg, progress=False)
+    metrics = trainer.train_step(1)
+    assert metrics["reward/mean"] < 0  # the random nano model is mostly wrong: R = −1
+    assert metrics["critic/target_mean"] == pytest.approx(metrics["train/accuracy"])
+
+
+def test_ppo_bce_refuses_a_shaped_reward():
+    with pytest.raises(ConfigError, match=r"critic.token_loss='bce'.*reward.incorrect=-1"):
+        load_config("ppo", ["critic.token_loss=bce", "reward.incorrect=-1"])
+    load_config("ppo", ["critic.token_loss=mse", "reward.incorrect=-1"])  # a shaped return
+
+
+def test_sppo_with_a_shaped_reward_says_what_the_advantage_is():
+    (warning,) = validate_warnings(load_config("sppo", ["reward.incorrect=-1"]))
+    assert "P(correct)" in warning and "A = R − (r_w + (1 − r_w)·V)" in warning
+    assert validate_warnings(load_config("sppo")) == []
 
 
 def test_calibration_correlations_match_scipy():

@@ -82,7 +82,8 @@ def test_the_trainer_logs_staleness_and_mismatch_separately(fast_overrides):
     assert m["mismatch/ratio_mean"] < 1 and m["mismatch/kl"] > 0  # π_old vs μ
     assert 0 < m["mismatch/weight_mean"] < 1
     assert "policy/ratio_mean" in m and "mismatch/token_over_cap_frac" in m  # π_θ vs π_old
-    # π_old taken from the sampler (GSPO §5.4): the mismatch ratio is 1 by construction
-    s = _run([*fast_overrides, "name=run2"], "rollout.top_p=0.8",
+    # π_old taken from the sampler (GSPO §5.4; top-p = 1, as that source requires): the
+    # mismatch ratio is 1 by construction
+    s = _run([*fast_overrides, "name=run2"], "rollout.top_p=1.0",
              "rollout.old_logprobs_source=sampler")  # fmt: skip
     assert s["mismatch/ratio_mean"] == 1 and s["mismatch/kl"] == 0

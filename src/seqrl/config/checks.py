@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from seqrl.core.fipo import FIPO_PRESETS
 from seqrl.core.losses import POLICY_LOSS_DEFAULTS, resolve_policy_loss_config
 
 if TYPE_CHECKING:  # annotations only: the schema imports this module
@@ -54,6 +55,16 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
             f"averages the other samples of the prompt), got {cfg.rollout.group_size}"
+        )
+    if cfg.rollout.old_logprobs_source == "sampler" and cfg.rollout.top_p < 1:
+        problems.append(
+            f"rollout.old_logprobs_source='sampler' cannot be combined with rollout.top_p="
+            f"{cfg.rollout.top_p:g}: the sampler's log-probs are renormalised over the top-p "
+            "nucleus while the update's π_θ is the full softmax, so at θ = θ_old every ratio "
+            "π_θ/π_old is the nucleus mass, below 1 (GSPO's 3e-4 lower clip would stop every "
+            "negative-advantage response from the first minibatch on); use "
+            "rollout.old_logprobs_source=recompute (algo.mismatch can then correct for the "
+            "nucleus), or rollout.top_p=1"
         )
     if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
         problems.append(
@@ -162,6 +173,14 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
             f"critic.kind={kind!r} but algo.advantage={adv!r} does not use a critic: set "
             "critic.kind=none, or algo.advantage=sppo (scalar) / gae (token)"
         )
+    shaping = reward_shaping(cfg)
+    if kind == "token" and cfg.critic.token_loss == "bce" and shaping:
+        out.append(
+            "critic.token_loss='bce' (the SPPO paper's PPO + BCE ablation) trains V(s_t) = σ(z_t) "
+            "towards the 0/1 outcome, and GAE uses that V as the baseline of the reward, which "
+            f"is then on another scale: {', '.join(shaping)}; remove the shaping, or use "
+            "critic.token_loss=mse (a value function of the shaped return)"
+        )
     if cfg.critic.lora and not cfg.model.lora.r:
         out.append("critic.lora=true uses model.lora's settings: set model.lora.r > 0 (e.g. 8)")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
@@ -171,6 +190,20 @@ def _critic_problems(cfg: RunConfig) -> list[str]:
             f"{batch} sequences per step do not split into critic.num_minibatches={minibatches} "
             "equal minibatches"
         )
+    return out
+
+
+def reward_shaping(cfg: RunConfig) -> list[str]:
+    """The settings that make the policy's reward differ from the verifier's 0/1 outcome."""
+    rw, out = cfg.reward, []
+    if rw.incorrect != 0:
+        out.append(f"reward.incorrect={rw.incorrect:g}")
+    if rw.overlong_buffer is not None:
+        out.append(f"reward.overlong_buffer={rw.overlong_buffer}")
+    if rw.terms:
+        out.append(f"reward.terms ({', '.join(t.fn for t in rw.terms)})")
+    if rw.kl_coef:
+        out.append(f"reward.kl_coef={rw.kl_coef:g}")
     return out
 
 
@@ -216,6 +249,14 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "rollout.old_logprobs_source='recompute'): the importance ratio is exactly 1, so "
             f"{what}clipping never acts; use algo.num_minibatches > 1 (GSPO uses 4)"
         )
+    if cfg.reward.kl_coef and loss.kl_coef:
+        out.append(
+            f"reward.kl_coef={cfg.reward.kl_coef:g} and algo.loss.kl_coef="
+            f"{loss.kl_coef:g}: the KL to the reference is penalised twice, in the reward and in "
+            "the loss; the papers use one placement (RLOO, ReMax, PPO: the reward; GRPO: the "
+            "loss), so set one of them to 0"
+        )
+    out += _inert_safety_ablation(cfg, loss)
     if cfg.moe.routing_replay and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
         out.append(
             "moe.routing_replay with one update per rollout (algo.num_minibatches × "
@@ -233,6 +274,15 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
             "cost rollout time without changing the estimator"
         )
+    shaping = reward_shaping(cfg)
+    if cfg.algo.advantage == "sppo" and shaping:
+        out.append(
+            f"SPPO with a shaped reward ({', '.join(shaping)}): the critic still learns "
+            "P(correct) from the verifier's 0/1 outcome, and the advantage is "
+            "A = R − (r_w + (1 − r_w)·V) with r_w = reward.incorrect, so the outcome part is "
+            "baselined and any overlong penalty or extra term enters A as it is; the paper's "
+            "reward is the 0/1 outcome (reward.incorrect=0, no shaping)"
+        )
     if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
         out.append(
             f"algo.mismatch.correction={cfg.algo.mismatch.correction!r} with "
@@ -246,3 +296,30 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
         )
     return out
+
+
+def _inert_safety_ablation(cfg: RunConfig, loss) -> list[str]:
+    """FIPO's safety rule at a threshold ≥ the dual-clip c touches only dual-clipped tokens (zero
+    gradient): an explicit change between such thresholds (or to off) changes no update."""
+    c = loss.dual_clip_c
+    if not loss.future_kl_weights or c is None:
+        return []
+    if "safety_threshold" not in cfg.algo.loss.overrides():
+        return []
+    rest = {k: v for k, v in cfg.loss_overrides().items() if k != "safety_threshold"}
+    if "safety_threshold" in (FIPO_PRESETS.get(cfg.algo.fipo_preset) or {}):
+        rest["safety_threshold"] = FIPO_PRESETS[cfg.algo.fipo_preset]["safety_threshold"]
+    before = resolve_policy_loss_config(cfg.algo.name, **rest).safety_threshold
+
+    def inert(threshold: float | None) -> bool:
+        return threshold is None or threshold >= c
+
+    if not (inert(before) and inert(loss.safety_threshold)):
+        return []
+    return [
+        f"algo.loss.safety_threshold={loss.safety_threshold} (default here {before}) with "
+        f"dual_clip_c={c:g}: FIPO's safety rule only changes tokens with Â < 0 and a ratio above "
+        "the threshold, and at a threshold ≥ c those tokens are dual-clipped (zero gradient), so "
+        "this changes the loss value and fipo/* metrics but no update; to ablate the rule, "
+        "compare against a threshold below c (the 7B setting is 3)"
+    ]

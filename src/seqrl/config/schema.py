@@ -199,6 +199,11 @@ class RewardConfig(_Section):
     # seconds each call of a term may take; past it the run stops, resumably, naming the
     # function (calls then run in a worker thread, see seqrl.tasks.rewards); null = no limit
     timeout_s: float | None = Field(60.0, gt=0)
+    # KL in the reward (PPO / RLOO / ReMax style, as the SPPO paper's RLOO and ReMax baselines):
+    # every response token's reward gets −β·k(log π_old − log π_ref) before the advantages; a
+    # frozen reference is built for it. algo.loss.kl_coef is the other placement, in the loss.
+    kl_coef: float = Field(0.0, ge=0)  # β; 0 = off
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
 
 
 class MismatchConfig(_Section):

@@ -89,17 +89,34 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, mask: Tensor | Non
     return torch.where(mask, adv, torch.zeros_like(adv))
 
 
-def sppo_advantages(rewards: Tensor, value_logits: Tensor) -> Tensor:
+def sppo_advantages(
+    rewards: Tensor,
+    value_logits: Tensor,
+    *,
+    correct_reward: float = 1.0,
+    incorrect_reward: float = 0.0,
+) -> Tensor:
     """SPPO Eq. 1 (arXiv 2604.08865): A = R − sigmoid(z), z the prompt critic's logit: [B] → [B].
 
-    z must come from the critic *before* its update on this batch. No group, no normalisation,
-    no whitening; the result is detached (the critic is trained by its own BCE loss).
+    The critic's V = sigmoid(z) is P(correct), learnt with BCE against the verifier's 0/1
+    outcome. When the policy's reward is shaped (a wrong answer worth ``incorrect_reward``
+    r_w, a right one ``correct_reward`` r_c, plus any penalties or extra terms already in R),
+    the baseline is the critic's expectation of the outcome part of the reward:
+
+        A = R − (r_w + (r_c − r_w) · sigmoid(z))
+
+    which is R − sigmoid(z) for the paper's R ∈ {0, 1} (the defaults). z must come from the
+    critic *before* its update on this batch. No group, no normalisation, no whitening; the
+    result is detached (the critic is trained by its own BCE loss).
     """
     if rewards.shape != value_logits.shape:
         raise ValueError(
             f"rewards {tuple(rewards.shape)} and value_logits {tuple(value_logits.shape)} differ"
         )
-    return (rewards - torch.sigmoid(value_logits)).detach()
+    value = torch.sigmoid(value_logits)  # [B] P(correct)
+    if correct_reward != 1.0 or incorrect_reward != 0.0:
+        value = incorrect_reward + (correct_reward - incorrect_reward) * value
+    return (rewards - value).detach()
 
 
 def broadcast_to_tokens(x: Tensor, mask: Tensor) -> Tensor:
@@ -137,6 +154,28 @@ def token_level_rewards(
         kl = kl_estimate(old_logprobs.detach(), ref_logprobs.detach(), mask, kl_estimator)
         rewards = rewards - kl_coef * kl.to(rewards.dtype)
     return rewards
+
+
+def reward_kl_penalty(
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+    kl_estimator: KLEstimator = "k1",
+) -> Tensor:
+    """The per-token penalty of a KL in the reward (spec §0.4, §4.4–§4.6): [B, T] → [B, T].
+
+        p_t = β · k(log π_old − log π_ref)_t          (k1 = log π_old − log π_ref by default)
+
+    Token-level rewards are r_t − p_t (PPO-GAE, ReMax's verl form); a sequence reward is
+    R − Σ_t p_t (RLOO and the other sequence-level estimators, verl's sum of token rewards).
+    Computed from the behaviour policy, so no gradient; 0 where ``mask`` is False.
+    """
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    kl = kl_estimate(old_logprobs.detach(), ref_logprobs.detach(), mask, kl_estimator)  # [B, T]
+    return kl_coef * kl
 
 
 def gae_advantages(

@@ -98,10 +98,11 @@ def build_policy(cfg: RunConfig, device: torch.device, dist: DistInfo):
 def build_reference(cfg: RunConfig, policy, loss: PolicyLossConfig, device: torch.device):
     """The frozen π_ref of a KL term: ``model.reference``, or a copy of the initial policy.
 
-    None without a KL term, and None with LoRA and no ``model.reference``: then the policy with
-    its adapters off is π_ref (:func:`add_lora`), which costs no second copy.
+    None without a KL term (in the loss or the reward), and None with LoRA and no
+    ``model.reference``: then the policy with its adapters off is π_ref (:func:`add_lora`),
+    which costs no second copy.
     """
-    if not loss.kl_coef or not (cfg.model.reference or not cfg.model.lora.r):
+    if not needs_reference(cfg, loss) or not (cfg.model.reference or not cfg.model.lora.r):
         return None
     if cfg.model.reference:
         ref = load_policy(cfg.model.reference)[0].to(device, DTYPES[cfg.model.dtype])
@@ -110,13 +111,18 @@ def build_reference(cfg: RunConfig, policy, loss: PolicyLossConfig, device: torc
     return ref.eval().requires_grad_(False)
 
 
+def needs_reference(cfg: RunConfig, loss: PolicyLossConfig) -> bool:
+    """A frozen π_ref is needed for a KL term in the loss or in the reward."""
+    return bool(loss.kl_coef or cfg.reward.kl_coef)
+
+
 def add_lora(cfg: RunConfig, policy, reference, loss: PolicyLossConfig, dist: DistInfo):
     """(policy, reference) with ``model.lora`` adapters on the policy (unchanged when r = 0)."""
     lora = cfg.model.lora
     if not lora.r:
         return policy, reference
     policy = apply_lora(policy, r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules)
-    if loss.kl_coef and reference is None:
+    if needs_reference(cfg, loss) and reference is None:
         reference = AdaptersOff(policy)
     dist_lib.broadcast_module(policy, dist)  # the same random adapters everywhere
     return policy, reference
@@ -157,6 +163,7 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
         gamma=c.gamma,
         lam=c.lam,
         whiten=c.whiten,
+        incorrect_reward=cfg.reward.incorrect,
     )
     dist_lib.broadcast_module(model, dist)
     return Critic(model, optimizer, scheduler, settings, dist)

@@ -4,8 +4,10 @@ One RL step with a critic (spec §2.2–2.3, §4.4), before the policy update:
 
     values = critic(batch)            no gradient, θ_critic before its update on this batch
     advantages, returns = estimate(rewards, values)
-        scalar: A = R − sigmoid(z) [B], z read at the last prompt token; target R
-        token:  GAE(γ, λ) over per-token values [B, T], optionally whitened; targets G_t
+        scalar: A = R − sigmoid(z) [B], z read at the last prompt token; target the verifier's
+                0/1 outcome (with shaped rewards A = R − (r_w + (1 − r_w)·sigmoid(z)))
+        token:  GAE(γ, λ) over per-token values [B, T], optionally whitened; targets G_t of the
+                shaped reward (mse), or of the 0/1 outcome (bce)
     critic update: epochs × minibatches of BCE-with-logits (scalar; token with token_loss=bce,
         the paper's "PPO + BCE") or PPO's clipped squared error (token, token_loss=mse)
 
@@ -44,6 +46,7 @@ class CriticSettings:
     gamma: float = 1.0
     lam: float = 1.0
     whiten: bool = True
+    incorrect_reward: float = 0.0  # r_w, the outcome part of a wrong answer's reward (right: 1)
 
     @property
     def passes(self) -> PassSettings:
@@ -100,22 +103,50 @@ class Critic:
         return out
 
     def advantages(
-        self, batch: RolloutBatch, rewards: Tensor, values: Tensor
+        self,
+        batch: RolloutBatch,
+        rewards: Tensor,
+        values: Tensor,
+        outcomes: Tensor | None = None,
+        kl_penalty: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(advantages, critic targets): scalar ([B], R [B]); token ([B, T], returns [B, T])."""
+        """(advantages, critic targets): scalar ([B], targets [B]); token ([B, T], [B, T]).
+
+        ``rewards`` [B] are the policy's (shaped) rewards; ``outcomes`` [B] the verifier's 0/1
+        verdicts (None: ``rewards`` are those verdicts); ``kl_penalty`` [B, T] a KL in the
+        reward (:func:`seqrl.core.reward_kl_penalty`; None = none), subtracted from each token's
+        reward (token critic) or, summed over tokens, from the sequence reward (scalar critic).
+        The scalar critic and the token critic
+        with the BCE loss learn P(correct), so their targets come from the outcome; the
+        advantages always use the shaped reward. The token critic with the squared error
+        regresses on the shaped return, the value of the reward the policy maximises.
+        """
         rewards = rewards.to(device=values.device, dtype=values.dtype)
-        if self.kind == "scalar":
-            return C.sppo_advantages(rewards, values), rewards
+        outcomes = rewards if outcomes is None else outcomes.to(rewards)
         s, mask = self.settings, batch.response_mask
-        token_rewards = C.token_level_rewards(rewards, mask).to(values.dtype)
-        if not self.dist.active:
-            return C.gae_advantages(
-                token_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=s.whiten
-            )
+        if self.kind == "scalar":
+            if kl_penalty is not None:  # a sequence reward: R − Σ_t p_t
+                rewards = rewards - C.masked_sum(kl_penalty.to(rewards), mask, dim=-1)
+            adv = C.sppo_advantages(rewards, values, incorrect_reward=s.incorrect_reward)
+            return adv, outcomes
+        token_rewards = C.token_level_rewards(rewards, mask).to(values.dtype)  # [B, T]
+        if kl_penalty is not None:  # r_t − p_t on every valid token
+            token_rewards = token_rewards - torch.where(mask, kl_penalty.to(values), 0.0)
         advantages, returns = C.gae_advantages(
             token_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=False
         )
-        return (global_whiten(advantages, mask, self.dist) if s.whiten else advantages), returns
+        if self.sigmoid_values:  # BCE targets: the returns of the 0/1 outcome alone
+            outcome_rewards = C.token_level_rewards(outcomes, mask).to(values.dtype)
+            _, returns = C.gae_advantages(
+                outcome_rewards, values, mask, gamma=s.gamma, lam=s.lam, whiten=False
+            )
+        if s.whiten:
+            advantages = (
+                global_whiten(advantages, mask, self.dist)
+                if self.dist.active
+                else C.masked_whiten(advantages, mask)
+            )
+        return advantages, returns
 
     def update(
         self, batch: RolloutBatch, targets: Tensor, old_values: Tensor, generator: torch.Generator
@@ -273,11 +304,21 @@ def calibration_metrics(predicted: Tensor, pass_rate: Tensor) -> dict[str, float
 
 
 def critic_step(
-    critic: Critic, batch: RolloutBatch, rewards: Tensor, generator: torch.Generator
+    critic: Critic,
+    batch: RolloutBatch,
+    rewards: Tensor,
+    generator: torch.Generator,
+    outcomes: Tensor | None = None,
+    kl_penalty: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Values before the update → advantages → critic update; returns (advantages, metrics)."""
+    """Values before the update → advantages → critic update; returns (advantages, metrics).
+
+    ``outcomes`` [B]: the verifier's 0/1 verdicts, the target of a critic that learns
+    P(correct) (None: ``rewards`` are those verdicts); ``kl_penalty`` [B, T]: a KL in the
+    reward. See :meth:`Critic.advantages`.
+    """
     values = critic.values(batch)  # [B] logits or [B, T] values, θ_critic before its update
-    advantages, targets = critic.advantages(batch, rewards, values)
+    advantages, targets = critic.advantages(batch, rewards, values, outcomes, kl_penalty)
     lr = critic.optimizer.param_groups[0]["lr"]
     metrics = critic.update(batch, targets, values, generator)
     if critic.kind == "scalar":

@@ -65,9 +65,31 @@ class UpdateSettings:
 
 
 def compute_advantages(
-    kind: str, rewards: Tensor, group_size: int, *, eps: float, greedy_rewards: Tensor | None = None
+    kind: str,
+    rewards: Tensor,
+    group_size: int,
+    *,
+    eps: float,
+    greedy_rewards: Tensor | None = None,
+    kl_penalty: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Sequence-level advantages [B] for the estimators a config can name."""
+    """Advantages for the estimators a config can name: [B], or [B, T] for ReMax with a KL.
+
+    ``kl_penalty`` [B, T] (with ``mask``) is a KL in the reward (:func:`seqrl.core.
+    reward_kl_penalty`): the sequence estimators use R − Σ_t p_t (as verl sums token rewards);
+    ReMax uses verl's token form, A_t = Σ_{t'≥t} (r_{t'} − p_{t'}) − r(x, ȳ).
+    """
+    if kl_penalty is not None:
+        if mask is None:
+            raise ValueError("a KL penalty in the reward needs the response mask")
+        if kind == "remax":
+            if greedy_rewards is None:
+                raise ValueError("remax needs the rewards of the greedy responses")
+            token_rewards = C.token_level_rewards(rewards, mask) - kl_penalty.to(rewards)  # [B, T]
+            baseline = greedy_rewards.repeat_interleave(group_size).to(rewards)
+            return C.remax_advantages(token_rewards, baseline, mask)  # [B, T]
+        rewards = rewards - C.masked_sum(kl_penalty.to(rewards), mask, dim=-1)  # [B]
     if kind == "group":
         return C.group_advantages(rewards, group_size, eps=eps)
     if kind == "group_centered":

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
+import seqrl.core as C
 from seqrl.config import RunConfig, load_config
 from seqrl.evaluation import evaluate_samples
 from seqrl.models import save_policy
@@ -130,9 +131,10 @@ class Trainer:
         rollout = self.collect(step)  # sample G per prompt, score, shape, filter groups
         batch = rollout.batch
         t_rollout = time.perf_counter() - t0
-        advantages, critic_metrics = self.advantages(step, rollout)  # [B] or [B, T]
         old_logprobs, routing = self.old_logprobs(batch)  # [B, T] or None (on-policy)
         ref_logprobs = self.reference_logprobs(batch)  # [B, T] or None (no KL term)
+        kl_penalty = self.reward_kl_penalty(batch, old_logprobs, ref_logprobs)  # [B, T] or None
+        advantages, critic_metrics = self.advantages(step, rollout, kl_penalty)  # [B] or [B, T]
         lr = self.optimizer.param_groups[0]["lr"]
         update_metrics, skipped = self.update(
             step, batch, advantages, old_logprobs, ref_logprobs, routing
@@ -175,22 +177,57 @@ class Trainer:
             rollout = replace(rollout, greedy_rewards=greedy)
         return rollout
 
-    def advantages(self, step: int, rollout: StepRollout) -> tuple[Tensor, dict[str, float]]:
-        """Advantages from the group estimator, or from the critic (which then updates)."""
+    def advantages(
+        self, step: int, rollout: StepRollout, kl_penalty: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Advantages from the group estimator, or from the critic (which then updates).
+
+        ``kl_penalty`` [B, T]: the KL in the reward (:meth:`reward_kl_penalty`), or None.
+        """
         if not rollout.examples:  # dynamic sampling kept no group: nothing to learn from
             return rollout.rewards, {}  # [0]
+        batch, metrics = rollout.batch, {}
+        if kl_penalty is not None:
+            metrics["reward/kl_penalty_mean"] = kl_penalty.sum(-1).mean().item()  # Σ_t β·k_t
         if self.critic is None:
             a = self.cfg.algo
-            group_size = rollout.batch.group_size
-            greedy = rollout.greedy_rewards
             adv = compute_advantages(
-                a.advantage, rollout.rewards, group_size, eps=a.adv_eps, greedy_rewards=greedy
+                a.advantage,
+                rollout.rewards,
+                batch.group_size,
+                eps=a.adv_eps,
+                greedy_rewards=rollout.greedy_rewards,
+                kl_penalty=kl_penalty,
+                mask=batch.response_mask,
             )
-            return adv, {}
+            return adv, metrics
         t0 = time.perf_counter()  # values before the critic's update, then its update
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 500_000)
-        adv, metrics = critic_lib.critic_step(self.critic, rollout.batch, rollout.rewards, gen)
-        return adv, metrics | {"time/critic_s": time.perf_counter() - t0}
+        adv, critic_metrics = critic_lib.critic_step(
+            self.critic, batch, rollout.rewards, gen, rollout.correct, kl_penalty
+        )
+        return adv, metrics | critic_metrics | {"time/critic_s": time.perf_counter() - t0}
+
+    def reward_kl_penalty(
+        self, batch: RolloutBatch, old_logprobs: Tensor | None, ref_logprobs: Tensor | None
+    ) -> Tensor | None:
+        """β·k(log π_old − log π_ref) [B, T] for ``reward.kl_coef`` > 0, else None.
+
+        π_old is the step's old log-probs, or, for a single on-policy update (which needs
+        none), a forward of the policy before its update.
+        """
+        rw = self.cfg.reward
+        if not rw.kl_coef or not batch.response_ids.shape[0]:
+            return None
+        if old_logprobs is None:
+            old_logprobs = self._logprobs(self.model, batch)
+        return C.reward_kl_penalty(
+            old_logprobs,
+            ref_logprobs,
+            batch.response_mask,
+            kl_coef=rw.kl_coef,
+            kl_estimator=rw.kl_estimator,
+        )
 
     def old_logprobs(self, batch: RolloutBatch) -> tuple[Tensor | None, object]:
         """(π_old log-probs [B, T], the MoE routing recorded with them).
