@@ -52,28 +52,38 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="continue the run in this run directory")
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="delete an existing run directory of the same name first "
+            "(refused while a live run holds it)",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
     """Train a policy with RL. With no argument: the embedded CPU demo."""
     from seqrl.config import ConfigError, load_config, validate_warnings
-    from seqrl.train.trainer import Trainer, TrainingAbortedError
+    from seqrl.train.trainer import RunDirError, Trainer, TrainingAbortedError
 
     console = Console()
     try:
         if resume is not None:
             if config or set_:
                 _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
+            if overwrite:
+                _fail("--overwrite starts a run from scratch, --resume continues it: give one")
             trainer = Trainer.resume(resume, console=console, progress=progress)
         else:
             cfg = load_config(config, set_)
             for warning in validate_warnings(cfg):
                 console.print(f"[yellow]warning:[/yellow] {warning}")
             try:
-                trainer = Trainer(cfg, console=console, progress=progress)
+                trainer = Trainer(cfg, console=console, progress=progress, overwrite=overwrite)
             except ValueError as err:  # bad data rows, a missing chat template, ...
                 _fail(str(err))
         trainer.fit()
-    except (ConfigError, FileNotFoundError, TrainingAbortedError) as err:
+    except (ConfigError, FileNotFoundError, RunDirError, TrainingAbortedError) as err:
         _fail(str(err))
     finally:
         from seqrl.train.dist import cleanup

@@ -1,10 +1,12 @@
 """The training loop: one RL step (:meth:`Trainer.train_step`), evaluation, checkpoints, logging.
 
-``Trainer(cfg).fit()`` runs a whole run; ``Trainer.resume(run_dir).fit()`` continues one. The
-maths lives in :mod:`seqrl.core`; the pieces of a step in :mod:`seqrl.train.sampling` (rollout,
-rewards), :mod:`seqrl.train.step` and :mod:`seqrl.train.critic` (advantages, updates),
-:mod:`seqrl.train.forward` (log-probs) and :mod:`seqrl.train.optimize` (the optimiser pass);
-what a run is made of is built by :mod:`seqrl.train.builders`.
+``Trainer(cfg).fit()`` runs a whole run; ``Trainer.resume(run_dir).fit()`` continues one. A
+trainer holds its run directory from construction to the end of ``fit``
+(:mod:`seqrl.train.rundir`). The maths lives in :mod:`seqrl.core`; the pieces of a step in
+:mod:`seqrl.train.sampling` (rollout, rewards), :mod:`seqrl.train.step` and
+:mod:`seqrl.train.critic` (advantages, updates), :mod:`seqrl.train.forward` (log-probs) and
+:mod:`seqrl.train.optimize` (the optimiser pass); what a run is made of is built by
+:mod:`seqrl.train.builders`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import re
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +27,7 @@ from rich.table import Table
 from torch import Tensor
 
 from seqrl.config import RunConfig, load_config
+from seqrl.config.schema import default_run_name
 from seqrl.evaluation import evaluate_samples
 from seqrl.models import save_policy
 from seqrl.models.critic import save_critic
@@ -38,6 +42,7 @@ from seqrl.train import dist as dist_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.rundir import RunDirError, claim_run_dir
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
@@ -49,7 +54,7 @@ from seqrl.train.sampling import (
 )
 from seqrl.train.step import compute_advantages, update_policy
 
-__all__ = ["TrainState", "Trainer", "TrainingAbortedError", "stream_seed"]
+__all__ = ["RunDirError", "TrainState", "Trainer", "TrainingAbortedError", "stream_seed"]
 
 
 class TrainingAbortedError(RuntimeError):
@@ -73,14 +78,28 @@ class Trainer:
         run_dir: Path | None = None,
         console: Console | None = None,
         progress: bool = True,
+        overwrite: bool = False,
+        _resuming: bool = False,
     ) -> None:
+        """Claim the run directory (before anything heavy is built), then build the run.
+
+        The directory is ``run_dir`` or ``output_dir/run_name``; it must not hold another run
+        unless ``overwrite`` (which empties it). ``Trainer.resume`` reopens an existing one.
+        """
         self.cfg, self.console, self.show_progress = cfg, console or Console(), progress
         self.dist: DistInfo = init_from_env()
-        run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name
-        self.run_dir = dist_lib.broadcast_object(run_dir, self.dist)  # rank 0's timestamp
         self.device = B.resolve_device(cfg.device, self.dist.local_rank)
         if self.dist.active:
             _check_multi_process(cfg, self.dist)
+        self._claim_run_dir(run_dir, overwrite=overwrite, resume=_resuming)
+        try:
+            self._build(cfg)
+        except BaseException:  # bad data, a missing model, Ctrl-C: give the directory back
+            self.close()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        """Models, critic, task data, sampler, optimiser, schedule and prompt order."""
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -116,6 +135,34 @@ class Trainer:
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
+
+    def _claim_run_dir(self, run_dir: Path | None, *, overwrite: bool, resume: bool) -> None:
+        """Rank 0 creates (or reopens) and locks the run directory; every rank learns its path
+        or the reason it was refused. The lock is dropped at the end of ``fit``, by
+        :meth:`close`, or when the trainer is garbage-collected (e.g. its construction failed)."""
+        self._run = None
+        outcome = None
+        if self.dist.is_main:
+            path = Path(run_dir) if run_dir else Path(self.cfg.output_dir) / self.cfg.run_name
+            fresh_name = None
+            if run_dir is None and self.cfg.name is None:  # a default name: draw another one
+                fresh_name = lambda: default_run_name(self.cfg.algo.name)  # noqa: E731
+            try:
+                self._run = claim_run_dir(
+                    path, resume=resume, overwrite=overwrite, fresh_name=fresh_name
+                )
+                outcome = (self._run.path, None)
+                weakref.finalize(self, self._run.release)
+            except RunDirError as err:
+                outcome = (path, str(err))
+        self.run_dir, refused = dist_lib.broadcast_object(outcome, self.dist)
+        if refused:
+            raise RunDirError(refused)
+
+    def close(self) -> None:
+        """Release the run directory (its lock); a directory nothing was written to is removed."""
+        if self._run is not None:
+            self._run.release()
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -358,17 +405,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train from ``state.step`` to ``train.steps``: evaluate, checkpoint, save ``final/``."""
+        """Train from ``state.step`` to ``train.steps``: evaluate, checkpoint, save ``final/``.
+
+        The run directory's lock is released when ``fit`` returns or raises.
+        """
         cfg = self.cfg
         fresh = self.state.step == 0
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.logger = RunLogger(
-            self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
-        )
         try:
+            if self.dist.is_main and fresh:
+                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.logger = RunLogger(
+                self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
+            )
             if fresh:
                 self._eval_and_log(0)
             start_wall = time.perf_counter() - self.state.wall_time_s
@@ -381,7 +429,9 @@ class Trainer:
             self._save()
             self._save_final()
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
+            self.close()
         summary = self.summary()
         if self.dist.is_main:
             self._print_summary(summary)
@@ -494,14 +544,19 @@ class Trainer:
         config_path = run_dir / "config.yaml"
         if not config_path.exists():
             raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
-        trainer = cls(load_config(str(config_path)), run_dir=run_dir, **kwargs)
+        trainer = cls(load_config(str(config_path)), run_dir=run_dir, _resuming=True, **kwargs)
         latest = ckpt.load_latest(run_dir / "checkpoints")
         if latest is None:
+            trainer.close()
             raise FileNotFoundError(
                 f"{run_dir}/checkpoints has no complete checkpoint to resume from; "
                 f"start the run again with `seqrl train {config_path}`"
             )
-        trainer._restore(latest)
+        try:
+            trainer._restore(latest)
+        except BaseException:
+            trainer.close()
+            raise
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
