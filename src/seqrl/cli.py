@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,11 +63,22 @@ def train(
     ] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
-    """Train a policy with RL. With no argument: the embedded CPU demo."""
+    """Train a policy with RL. With no argument: the embedded CPU demo.
+
+    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143);
+    a second one exits at once. Continue with --resume RUN_DIR.
+    """
     from seqrl.config import ConfigError, load_config, validate_warnings
-    from seqrl.train.trainer import RunDirError, Trainer, TrainingAbortedError
+    from seqrl.train.checkpoint import complete_checkpoints
+    from seqrl.train.trainer import (
+        RunDirError,
+        Trainer,
+        TrainingAbortedError,
+        TrainingInterruptedError,
+    )
 
     console = Console()
+    trainer = None
     try:
         if resume is not None:
             if config or set_:
@@ -83,6 +95,23 @@ def train(
             except ValueError as err:  # bad data rows, a missing chat template, ...
                 _fail(str(err))
         trainer.fit()
+    except TrainingInterruptedError as err:
+        if os.environ.get("RANK", "0") == "0":
+            Console(stderr=True, markup=False).print(str(err), soft_wrap=True)
+        raise typer.Exit(code=err.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up
+        if trainer is None:
+            message = "interrupted during set-up; nothing was trained"
+        else:
+            saved = complete_checkpoints(trainer.run_dir / "checkpoints")
+            message = (
+                f"stopped at once; the last complete checkpoint is {saved[-1]}\n"
+                f"resume with: seqrl train --resume {trainer.run_dir}"
+                if saved
+                else f"stopped at once; {trainer.run_dir} has no checkpoint yet"
+            )
+        Console(stderr=True, markup=False).print(message, soft_wrap=True)
+        raise typer.Exit(code=130) from None
     except (ConfigError, FileNotFoundError, RunDirError, TrainingAbortedError) as err:
         _fail(str(err))
     finally:

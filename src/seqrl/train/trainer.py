@@ -2,7 +2,8 @@
 
 ``Trainer(cfg).fit()`` runs a whole run; ``Trainer.resume(run_dir).fit()`` continues one. A
 trainer holds its run directory from construction to the end of ``fit``
-(:mod:`seqrl.train.rundir`). The maths lives in :mod:`seqrl.core`; the pieces of a step in
+(:mod:`seqrl.train.rundir`), and ``fit`` stops cleanly on SIGINT / SIGTERM
+(:mod:`seqrl.train.shutdown`). The maths lives in :mod:`seqrl.core`; the pieces of a step in
 :mod:`seqrl.train.sampling` (rollout, rewards), :mod:`seqrl.train.step` and
 :mod:`seqrl.train.critic` (advantages, updates), :mod:`seqrl.train.forward` (log-probs) and
 :mod:`seqrl.train.optimize` (the optimiser pass); what a run is made of is built by
@@ -11,8 +12,10 @@ trainer holds its run directory from construction to the end of ``fit``
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import time
 import warnings
 import weakref
@@ -52,13 +55,33 @@ from seqrl.train.sampling import (
     score_rollout,
     stream_seed,
 )
+from seqrl.train.shutdown import StopRequest, exit_code
 from seqrl.train.step import compute_advantages, update_policy
 
-__all__ = ["RunDirError", "TrainState", "Trainer", "TrainingAbortedError", "stream_seed"]
+__all__ = [
+    "RunDirError",
+    "TrainState",
+    "Trainer",
+    "TrainingAbortedError",
+    "TrainingInterruptedError",
+    "stream_seed",
+]
 
 
 class TrainingAbortedError(RuntimeError):
     """Raised when training cannot continue (e.g. repeated non-finite updates)."""
+
+
+class TrainingInterruptedError(TrainingAbortedError):
+    """Raised by ``fit`` after SIGINT / SIGTERM, once the last step's checkpoint is saved.
+
+    ``exit_code`` is what the process should exit with: 130 (SIGINT) or 143 (SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = exit_code(signum)
 
 
 @dataclass
@@ -92,6 +115,7 @@ class Trainer:
         if self.dist.active:
             _check_multi_process(cfg, self.dist)
         self._claim_run_dir(run_dir, overwrite=overwrite, resume=_resuming)
+        self._saved_step: int | None = None  # the step of the newest checkpoint this run wrote
         try:
             self._build(cfg)
         except BaseException:  # bad data, a missing model, Ctrl-C: give the directory back
@@ -407,27 +431,33 @@ class Trainer:
     def fit(self) -> dict:
         """Train from ``state.step`` to ``train.steps``: evaluate, checkpoint, save ``final/``.
 
-        The run directory's lock is released when ``fit`` returns or raises.
+        On SIGINT / SIGTERM the step in progress finishes (with its evaluation, if one is due),
+        a checkpoint of it is saved and :class:`TrainingInterruptedError` is raised; a second
+        signal stops at once. The run directory's lock is released when ``fit`` returns or
+        raises.
         """
         cfg = self.cfg
-        fresh = self.state.step == 0
+        fresh = self.state.step == 0 and not self.state.evals
         try:
             if self.dist.is_main and fresh:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self.logger = RunLogger(
                 self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
             )
-            if fresh:
-                self._eval_and_log(0)
-            start_wall = time.perf_counter() - self.state.wall_time_s
-            with self._progress() as (progress, bar):
-                for step in range(self.state.step + 1, cfg.train.steps + 1):
-                    metrics = self._run_step(step, start_wall)
-                    progress.update(bar, advance=1, info=self._progress_info(metrics))
-            if self.state.step not in self.state.evals:
-                self._eval_and_log(self.state.step)
-            self._save()
-            self._save_final()
+            with StopRequest(self._on_stop_signal, repeats_exit=not self.dist.active) as stop:
+                if fresh:
+                    self._eval_and_log(0)
+                start_wall = time.perf_counter() - self.state.wall_time_s
+                with self._progress() as (progress, bar):
+                    for step in range(self.state.step + 1, cfg.train.steps + 1):
+                        self._stop_if_asked(stop)
+                        metrics = self._run_step(step, start_wall)
+                        progress.update(bar, advance=1, info=self._progress_info(metrics))
+                self._stop_if_asked(stop)
+                if self.state.step not in self.state.evals:
+                    self._eval_and_log(self.state.step)
+                self._save()
+                self._save_final()
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -458,6 +488,36 @@ class Trainer:
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             self._save()
         return metrics
+
+    # ------------------------------------------------------------------ stopping early
+    def _on_stop_signal(self, signum: int) -> None:
+        """Runs inside the signal handler: say what happens next (rank 0; a raw write)."""
+        if not self.dist.is_main:
+            return
+        name = signal.Signals(signum).name
+        key = "Ctrl-C" if signum == signal.SIGINT else name
+        again = "" if self.dist.active else f"; {key} again stops at once"
+        stopping = "stopping at the end of this step, with a checkpoint"
+        os.write(2, f"\n{name} received: {stopping}{again}\n".encode())
+
+    def _stop_if_asked(self, stop: StopRequest) -> None:
+        """At a step boundary: if any rank caught a signal, save this step and stop (all ranks)."""
+        signum = stop.signum or 0
+        if self.dist.active:  # ranks may catch it a step apart: all stop at the same boundary
+            signum = max(dist_lib.gather_list([signum], self.dist))
+        if not signum:
+            return
+        if self._saved_step != self.state.step:
+            self._save()
+        dist_lib.barrier(self.dist)  # the checkpoint is on disk before any rank exits
+        where = self.run_dir / "checkpoints" / f"step-{self.state.step}"
+        launcher = "torchrun ... -m seqrl" if self.dist.active else "seqrl"
+        raise TrainingInterruptedError(
+            f"stopped by {signal.Signals(signum).name} after step {self.state.step} of "
+            f"{self.cfg.train.steps}; saved {where}\n"
+            f"resume with: {launcher} train --resume {self.run_dir}",
+            signum,
+        )
 
     def _count_nonfinite(self, skipped: int) -> None:
         s = self.state
@@ -568,6 +628,7 @@ class Trainer:
             self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
+        self._saved_step = c.step
         if self.dist.is_main:  # rank 0 owns the logs
             for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
                 truncate_jsonl(self.run_dir / name, self.state.step)
@@ -592,6 +653,7 @@ class Trainer:
             state,
             keep=self.cfg.train.keep_checkpoints,
         )
+        self._saved_step = self.state.step
 
     def _save_final(self) -> None:
         """``final/``: the policy (LoRA merged) and the critic in Hugging Face format."""
