@@ -266,7 +266,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<na
 
     try:
         written = plot_run(run_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # no run there, a corrupt metrics line
         _fail(str(err))
     for path in written:
         typer.echo(str(path))

@@ -1,8 +1,10 @@
-"""Runs that are stopped survive it: SIGINT / SIGTERM finish the step, save a checkpoint and exit;
-a second signal exits at once."""
+"""Runs that are stopped survive it: SIGINT / SIGTERM save a checkpoint and exit, a torn log line
+is dropped on resume, and a failed write (read-only directory, full disk) says what failed and
+which checkpoint is intact."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +18,9 @@ from safetensors.torch import load_file
 
 from seqrl.config import load_config
 from seqrl.train import checkpoint as ckpt
-from seqrl.train.metrics import read_metrics
+from seqrl.train.metrics import read_metrics, truncate_jsonl
 from seqrl.train.shutdown import StopRequest
-from seqrl.train.trainer import Trainer, TrainingInterruptedError
+from seqrl.train.trainer import Trainer, TrainingAbortedError, TrainingInterruptedError
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -76,6 +78,54 @@ def test_sigterm_mid_step_finishes_the_step_saves_it_and_stops(fast_overrides):
     resumed = Trainer.resume(trainer.run_dir, progress=False)  # the lock was released
     resumed.fit()
     assert _steps(trainer.run_dir) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ torn logs, failed writes
+def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_is_reported(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "reward/mean": 0.5}) for s in (1, 2, 3)]
+    path.write_text("\n".join(good) + '\n{"step": 4, "reward/me')  # killed mid-write
+    assert truncate_jsonl(path, 2) is True
+    assert path.read_text() == "\n".join(good[:2]) + "\n"
+    assert truncate_jsonl(path, 2) is False
+
+    path.write_text(good[0] + "\n{oops\n" + good[2] + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, record 2 of 3 is not a valid log"):
+        truncate_jsonl(path, 3)
+    assert path.read_text() == good[0] + "\n{oops\n" + good[2] + "\n"  # nothing rewritten
+
+
+def test_resume_after_a_kill_mid_log_write(fast_overrides):
+    cfg = load_config(None, [*fast_overrides, "train.steps=3", "train.checkpoint_every=1"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    run = trainer.run_dir
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    shutil.rmtree(run / "final")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/mean": 0.2')  # the start of a record, no newline
+    resumed = Trainer.resume(run, progress=False)
+    resumed.fit()
+    assert _steps(run) == [1, 2, 3]
+    assert all(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_the_intact_checkpoint(fast_overrides):
+    cfg = load_config(None, [*fast_overrides, "train.steps=3", "train.checkpoint_every=1"])
+    trainer = Trainer(cfg, progress=False)
+    root = trainer.run_dir / "checkpoints"
+    root.mkdir()
+    blocker = root / f".tmp-step-2-{os.getpid()}"  # a file where step 2's save needs a folder
+    blocker.write_text("")
+    with pytest.raises(TrainingAbortedError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert f"could not write checkpoint step-2: {blocker}: File exists" in message
+    assert f"The last complete checkpoint, {root / 'step-1'}, is intact" in message
+    assert f"seqrl train --resume {trainer.run_dir}" in message
+    blocker.unlink()
+    Trainer.resume(trainer.run_dir, progress=False).fit()  # the lock was released
+    assert _steps(trainer.run_dir) == [1, 2, 3]
 
 
 # ------------------------------------------------------------------ real processes
@@ -217,3 +267,76 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_at_the_same_step(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _steps(run) == list(range(1, 31))
+
+
+# ------------------------------------------------------------------ a read-only or full disk
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(
+    not _can_mount(), reason="needs root and `unshare -m` (private mounts)"
+)
+
+
+def _in_private_mounts(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a shell script in its own mount namespace: its mounts vanish when it exits."""
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
+
+
+@pytest.mark.slow
+@needs_mount
+def test_a_read_only_checkpoint_folder_stops_with_the_intact_checkpoint_named(fast_overrides):
+    cfg = load_config(None, [*fast_overrides, "train.steps=4", "train.checkpoint_every=2"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    run, checkpoints = trainer.run_dir, trainer.run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step-4")
+    shutil.rmtree(run / "final")
+    done = _in_private_mounts(
+        f"mount --bind {checkpoints} {checkpoints} && "
+        f"mount -o remount,bind,ro {checkpoints} && "
+        f"exec {sys.executable} -m seqrl train --no-progress --resume {run}"
+    )
+    err = done.stderr
+    assert done.returncode == 2, done.stdout + err
+    assert "Traceback" not in err
+    assert "could not write checkpoint step-" in err and "Read-only file system" in err, err
+    assert f"The last complete checkpoint, {checkpoints / 'step-2'}, is intact" in err
+    assert ckpt.load_latest(checkpoints).step == 2
+
+    done = _in_private_mounts(
+        f"mount --bind {run} {run} && mount -o remount,bind,ro {run} && "
+        f"exec {sys.executable} -m seqrl train --no-progress --resume {run}"
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Read-only file system" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+@needs_mount
+def test_a_full_disk_stops_with_the_intact_checkpoint_named(tmp_path):
+    out = tmp_path / "small"  # 1.6 MB: one checkpoint of the nano model (1 MB) fits, two do not
+    out.mkdir()
+    overrides = [*FAST_CLI, f"output_dir={out}", "name=run", "train.steps=4"]
+    sets = " ".join(f"--set {o}" for o in [*overrides, "train.checkpoint_every=1"])
+    done = _in_private_mounts(
+        f"mount -t tmpfs -o size=1600k tmpfs {out} && "
+        f"{sys.executable} -m seqrl train --no-progress {sets}; echo exit=$?; "
+        f"ls -a {out}/run/checkpoints"
+    )
+    err, listing = done.stderr, done.stdout
+    assert "exit=2" in listing, listing + err
+    assert "Traceback" not in err
+    assert "could not write checkpoint step-2" in err and "No space left on device" in err, err
+    assert f"The last complete checkpoint, {out / 'run' / 'checkpoints' / 'step-1'}" in err
+    assert ".tmp-step" not in listing  # the failed save gave its space back

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqrl.config import load_config
 from seqrl.config.schema import default_run_name
@@ -145,3 +146,23 @@ def test_a_failed_set_up_gives_the_run_directory_back(fast_overrides, tmp_path):
     good = Trainer(cfg.with_overrides(["model.policy=builtin:nano"]), progress=False)
     assert good.run_dir == tmp_path / "run" and failed.value is not None
     good.close()
+
+
+# ------------------------------------------------------------------ leftovers of killed runs
+def test_stale_temporary_checkpoints_are_removed_at_resume_and_after_a_save(fast_overrides):
+    cfg = load_config(None, [*fast_overrides, "train.steps=2", "train.checkpoint_every=1"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    root = trainer.run_dir / "checkpoints"
+    ckpt.remove_temporaries(root)
+    stale = root / ".tmp-step-3-4242"  # a save killed before its rename: a full model each
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    Trainer.resume(trainer.run_dir, progress=False).close()
+    assert not stale.exists()
+
+    stale.mkdir()
+    model = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(root, 5, model, {"x": 1}, keep=0)
+    assert not stale.exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []

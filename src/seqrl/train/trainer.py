@@ -45,7 +45,7 @@ from seqrl.train import dist as dist_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
-from seqrl.train.rundir import RunDirError, claim_run_dir
+from seqrl.train.rundir import RunDirError, claim_run_dir, describe_os_error
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
@@ -69,7 +69,7 @@ __all__ = [
 
 
 class TrainingAbortedError(RuntimeError):
-    """Raised when training cannot continue (e.g. repeated non-finite updates)."""
+    """Raised when training cannot continue (e.g. repeated non-finite updates, a full disk)."""
 
 
 class TrainingInterruptedError(TrainingAbortedError):
@@ -177,6 +177,7 @@ class Trainer:
                 )
                 outcome = (self._run.path, None)
                 weakref.finalize(self, self._run.release)
+                ckpt.remove_temporaries(self._run.path / "checkpoints")
             except RunDirError as err:
                 outcome = (path, str(err))
         self.run_dir, refused = dist_lib.broadcast_object(outcome, self.dist)
@@ -423,9 +424,10 @@ class Trainer:
         metrics = self.evaluate()
         self.state.evals[step] = metrics
         if self.logger is not None:
-            self.logger.log(step, metrics)
-            if self.critic is not None and self.dist.is_main:
-                critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
+            with self._writing("the metrics log"):
+                self.logger.log(step, metrics)
+                if self.critic is not None and self.dist.is_main:
+                    critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -433,17 +435,20 @@ class Trainer:
 
         On SIGINT / SIGTERM the step in progress finishes (with its evaluation, if one is due),
         a checkpoint of it is saved and :class:`TrainingInterruptedError` is raised; a second
-        signal stops at once. The run directory's lock is released when ``fit`` returns or
-        raises.
+        signal stops at once. A failed write (a full disk, a read-only directory) raises
+        :class:`TrainingAbortedError` naming the file and the last intact checkpoint. The run
+        directory's lock is released when ``fit`` returns or raises.
         """
         cfg = self.cfg
         fresh = self.state.step == 0 and not self.state.evals
         try:
             if self.dist.is_main and fresh:
-                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-            self.logger = RunLogger(
-                self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
-            )
+                with self._writing("the run config"):
+                    (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            with self._writing("the TensorBoard log"):
+                self.logger = RunLogger(
+                    self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
+                )
             with StopRequest(self._on_stop_signal, repeats_exit=not self.dist.active) as stop:
                 if fresh:
                     self._eval_and_log(0)
@@ -481,7 +486,8 @@ class Trainer:
             ) from err
         self.state.step = step
         self.state.wall_time_s = time.perf_counter() - start_wall
-        self.logger.log(step, metrics)
+        with self._writing("the metrics log"):
+            self.logger.log(step, metrics)
         self._count_nonfinite(int(metrics["train/nonfinite_skipped"]))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             self._eval_and_log(step)
@@ -518,6 +524,27 @@ class Trainer:
             f"resume with: {launcher} train --resume {self.run_dir}",
             signum,
         )
+
+    @contextmanager
+    def _writing(self, what: str):
+        """Turn a failed write (OSError) into a TrainingAbortedError naming the last checkpoint."""
+        try:
+            yield
+        except OSError as err:
+            latest = ckpt.complete_checkpoints(self.run_dir / "checkpoints")
+            if latest:
+                intact = (
+                    f"The last complete checkpoint, {latest[-1]}, is intact: once the cause is "
+                    f"fixed, continue with `seqrl train --resume {self.run_dir}`."
+                )
+            else:
+                intact = (
+                    "No checkpoint had been written yet, so there is nothing to resume: once "
+                    "the cause is fixed, start the run again (--overwrite reuses its name)."
+                )
+            raise TrainingAbortedError(
+                f"could not write {what}: {describe_os_error(err)}\n{intact}"
+            ) from err
 
     def _count_nonfinite(self, skipped: int) -> None:
         s = self.state
@@ -631,7 +658,12 @@ class Trainer:
         self._saved_step = c.step
         if self.dist.is_main:  # rank 0 owns the logs
             for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
-                truncate_jsonl(self.run_dir / name, self.state.step)
+                with self._writing(name):
+                    if truncate_jsonl(self.run_dir / name, self.state.step):
+                        self.console.print(
+                            f"dropped the torn last line of {name} (the run was stopped while "
+                            f"writing it)"
+                        )
         dist_lib.barrier(self.dist)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
@@ -646,22 +678,24 @@ class Trainer:
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
-        ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.state.step,
-            self.model,
-            state,
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        with self._writing(f"checkpoint step-{self.state.step}"):
+            ckpt.save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.state.step,
+                self.model,
+                state,
+                keep=self.cfg.train.keep_checkpoints,
+            )
         self._saved_step = self.state.step
 
     def _save_final(self) -> None:
         """``final/``: the policy (LoRA merged) and the critic in Hugging Face format."""
         if self.dist.is_main:
-            save_policy(self.model, self.tokenizer, self.run_dir / "final")
-            if self.critic is not None:
-                critic_dir = self.run_dir / "final" / "critic"
-                save_critic(merged(self.critic.model), self.tokenizer, critic_dir)
+            final = self.run_dir / "final"
+            with self._writing("the final model"), ckpt.write_errors_as_oserror(final):
+                save_policy(self.model, self.tokenizer, final)
+                if self.critic is not None:
+                    save_critic(merged(self.critic.model), self.tokenizer, final / "critic")
         dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
 
 
