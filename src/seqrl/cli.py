@@ -23,11 +23,14 @@ app = typer.Typer(
 
 @app.callback()
 def _quiet_transformers() -> None:
-    """seqrl draws its own progress; silence transformers' per-file bars and info logs."""
-    from transformers.utils import logging as hf_logging
+    """seqrl draws its own progress; silence transformers' per-file bars and info logs.
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    Through the environment variables transformers and huggingface_hub read when they are
+    imported, so that a command that fails early (a config error) never imports them; a value
+    the user set is kept.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fmt(value) -> str:
@@ -69,6 +72,22 @@ def train(
     a second one exits at once. Continue with --resume RUN_DIR.
     """
     from seqrl.config import ConfigError, load_config, validate_warnings
+
+    console = Console()
+    cfg = None
+    if resume is not None:
+        if config or set_:
+            _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
+        if overwrite:
+            _fail("--overwrite starts a run from scratch, --resume continues it: give one")
+    else:  # a bad config fails here, before the trainer, models and transformers are imported
+        try:
+            cfg = load_config(config, set_)
+        except ConfigError as err:
+            _fail(str(err))
+        for warning in validate_warnings(cfg):
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+
     from seqrl.train.checkpoint import complete_checkpoints
     from seqrl.train.trainer import (
         RunDirError,
@@ -77,23 +96,15 @@ def train(
         TrainingInterruptedError,
     )
 
-    console = Console()
     trainer = None
     try:
-        if resume is not None:
-            if config or set_:
-                _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
-            if overwrite:
-                _fail("--overwrite starts a run from scratch, --resume continues it: give one")
-            trainer = Trainer.resume(resume, console=console, progress=progress)
-        else:
-            cfg = load_config(config, set_)
-            for warning in validate_warnings(cfg):
-                console.print(f"[yellow]warning:[/yellow] {warning}")
-            try:
+        try:
+            if resume is not None:
+                trainer = Trainer.resume(resume, console=console, progress=progress)
+            else:
                 trainer = Trainer(cfg, console=console, progress=progress, overwrite=overwrite)
-            except ValueError as err:  # bad data rows, a missing chat template, ...
-                _fail(str(err))
+        except ValueError as err:  # bad data rows, a missing chat template, a corrupt log, ...
+            _fail(str(err))
         trainer.fit()
     except TrainingInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":
