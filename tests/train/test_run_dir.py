@@ -68,8 +68,9 @@ def test_default_names_differ_and_a_taken_one_is_replaced(tmp_path):
     (tmp_path / "gspo-taken").mkdir()
     (tmp_path / "gspo-taken" / "config.yaml").write_text("x")
     fresh = iter(["gspo-taken", "gspo-free"])
-    run = claim_run_dir(tmp_path / "gspo-taken", fresh_name=lambda: next(fresh))
+    run = claim_run_dir(tmp_path / "gspo-taken", fresh_name=lambda: next(fresh), overwrite=True)
     assert run.path == tmp_path / "gspo-free"  # a clash, then another draw
+    assert (tmp_path / "gspo-taken" / "config.yaml").exists()  # never overwritten
     run.release()
 
 
@@ -85,8 +86,9 @@ def test_overwrite_empties_a_run_directory_but_nothing_else(tmp_path):
     other = tmp_path / "not-a-run"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    with pytest.raises(RunDirError, match=r"no config\.yaml"):
-        claim_run_dir(other, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match=r"not a seqrl run directory .*no config\.yaml"):
+            claim_run_dir(other, overwrite=overwrite)
     assert (other / "thesis.tex").read_text() == "precious"
     with pytest.raises(RunDirError, match="choose one"):
         claim_run_dir(old, overwrite=True, resume=True)

@@ -112,8 +112,8 @@ def claim_run_dir(
     """Create (or, to resume, reopen) ``run_dir`` for this process alone and lock it.
 
     A new run takes a directory that does not exist, or exists holding nothing but a lock file
-    (a run that never got past its set-up). Another existing one is refused, unless
-    ``fresh_name`` gives a new name to try (default names), or ``overwrite`` is set and it is a
+    (a run that never got past its set-up). For another existing one, ``fresh_name`` (default
+    names) gives a new name to try; else it is refused, unless ``overwrite`` is set and it is a
     seqrl run directory (it has a ``config.yaml``): its contents are deleted first. Raises
     :class:`RunDirError` with the reason and what to do.
     """
@@ -137,7 +137,7 @@ def claim_run_dir(
             created = False
         except OSError as err:
             raise RunDirError(f"cannot create the run directory: {describe_os_error(err)}") from err
-        if created or fresh_name is None or overwrite:
+        if created or fresh_name is None:  # a default name is drawn again, never overwritten
             break
         run_dir = run_dir.parent / fresh_name()
     else:
@@ -155,16 +155,17 @@ def claim_run_dir(
         return RunDir(run_dir, lock, created=True)
     try:
         leftovers = _contents(run_dir)
+        if leftovers and not (run_dir / "config.yaml").is_file():
+            raise RunDirError(
+                f"{run_dir} already exists and is not a seqrl run directory (it has files but no "
+                f"config.yaml), so seqrl neither trains into it nor deletes it (--overwrite); "
+                f"choose another name (--set name=NAME) or output_dir"
+            )
         if leftovers and not overwrite:
             raise RunDirError(
                 f"run directory {run_dir} already exists and holds a run; give this run another "
                 f"name (--set name=NAME), continue that one with `seqrl train --resume {run_dir}`, "
                 f"or start it again from scratch with --overwrite (which deletes it first)"
-            )
-        if leftovers and not (run_dir / "config.yaml").is_file():
-            raise RunDirError(
-                f"--overwrite deletes seqrl run directories only, and {run_dir} has no "
-                f"config.yaml; delete it yourself or choose another name (--set name=NAME)"
             )
         for path in leftovers:
             if path.is_dir() and not path.is_symlink():
