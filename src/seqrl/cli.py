@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,11 +23,14 @@ app = typer.Typer(
 
 @app.callback()
 def _quiet_transformers() -> None:
-    """seqrl draws its own progress; silence transformers' per-file bars and info logs."""
-    from transformers.utils import logging as hf_logging
+    """seqrl draws its own progress; silence transformers' per-file bars and info logs.
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    Through the environment variables transformers and huggingface_hub read when they are
+    imported, so that a command that fails early (a config error) never imports them; a value
+    the user set is kept.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fmt(value) -> str:
@@ -52,28 +56,74 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="continue the run in this run directory")
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="delete an existing run directory of the same name first "
+            "(refused while a live run holds it)",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
-    """Train a policy with RL. With no argument: the embedded CPU demo."""
+    """Train a policy with RL. With no argument: the embedded CPU demo.
+
+    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143);
+    a second one exits at once. Continue with --resume RUN_DIR.
+    """
     from seqrl.config import ConfigError, load_config, validate_warnings
-    from seqrl.train.trainer import Trainer, TrainingAbortedError
 
     console = Console()
-    try:
-        if resume is not None:
-            if config or set_:
-                _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
-            trainer = Trainer.resume(resume, console=console, progress=progress)
-        else:
+    cfg = None
+    if resume is not None:
+        if config or set_:
+            _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
+        if overwrite:
+            _fail("--overwrite starts a run from scratch, --resume continues it: give one")
+    else:  # a bad config fails here, before the trainer, models and transformers are imported
+        try:
             cfg = load_config(config, set_)
-            for warning in validate_warnings(cfg):
-                console.print(f"[yellow]warning:[/yellow] {warning}")
-            try:
-                trainer = Trainer(cfg, console=console, progress=progress)
-            except ValueError as err:  # bad data rows, a missing chat template, ...
-                _fail(str(err))
+        except ConfigError as err:
+            _fail(str(err))
+        for warning in validate_warnings(cfg):
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+
+    from seqrl.train.checkpoint import complete_checkpoints
+    from seqrl.train.trainer import (
+        RunDirError,
+        Trainer,
+        TrainingAbortedError,
+        TrainingInterruptedError,
+    )
+
+    trainer = None
+    try:
+        try:
+            if resume is not None:
+                trainer = Trainer.resume(resume, console=console, progress=progress)
+            else:
+                trainer = Trainer(cfg, console=console, progress=progress, overwrite=overwrite)
+        except ValueError as err:  # bad data rows, a missing chat template, a corrupt log, ...
+            _fail(str(err))
         trainer.fit()
-    except (ConfigError, FileNotFoundError, TrainingAbortedError) as err:
+    except TrainingInterruptedError as err:
+        if os.environ.get("RANK", "0") == "0":
+            Console(stderr=True, markup=False).print(str(err), soft_wrap=True)
+        raise typer.Exit(code=err.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up
+        if trainer is None:
+            message = "interrupted during set-up; nothing was trained"
+        else:
+            saved = complete_checkpoints(trainer.run_dir / "checkpoints")
+            message = (
+                f"stopped at once; the last complete checkpoint is {saved[-1]}\n"
+                f"resume with: seqrl train --resume {trainer.run_dir}"
+                if saved
+                else f"stopped at once; {trainer.run_dir} has no checkpoint yet"
+            )
+        Console(stderr=True, markup=False).print(message, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    except (ConfigError, FileNotFoundError, RunDirError, TrainingAbortedError) as err:
         _fail(str(err))
     finally:
         from seqrl.train.dist import cleanup
@@ -227,7 +277,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<na
 
     try:
         written = plot_run(run_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # no run there, a corrupt metrics line
         _fail(str(err))
     for path in written:
         typer.echo(str(path))

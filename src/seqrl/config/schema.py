@@ -12,6 +12,7 @@ its cross-section rules (:mod:`seqrl.config.checks`) whenever it is validated.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 import typing
 from collections.abc import Iterable, Mapping
@@ -335,7 +336,7 @@ class RunConfig(_Section):
     """One training run. Build it with :func:`~seqrl.config.load_config`; ``preset`` is consumed
     before validation (:mod:`seqrl.config.layers`)."""
 
-    name: str | None = None  # run name; None = "<algo.name>-<YYYYmmdd-HHMMSS>" (run_name)
+    name: str | None = None  # run name; None = "<algo.name>-<YYYYmmdd-HHMMSS>-<hex>" (run_name)
     output_dir: str = "runs"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -368,8 +369,8 @@ class RunConfig(_Section):
 
     @cached_property
     def run_name(self) -> str:
-        """``name``, or ``<algo.name>-<YYYYmmdd-HHMMSS>`` fixed at first access."""
-        return self.name or f"{self.algo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        """``name``, or :func:`default_run_name` fixed at first access."""
+        return self.name or default_run_name(self.algo.name)
 
     def to_yaml(self) -> str:
         """The fully resolved config as YAML; ``load_config`` on it gives an equal config."""
@@ -381,6 +382,15 @@ class RunConfig(_Section):
         return validate_layers(
             *resolve_layers(self.model_dump(mode="json"), overrides, source="the config")
         )
+
+
+def default_run_name(algo: str) -> str:
+    """``<algo>-<YYYYmmdd-HHMMSS>-<4 hex digits>``, e.g. ``gspo-20261123-172616-9f3a``.
+
+    The random suffix keeps runs started in the same second (a sweep) apart; the trainer
+    creates the directory exclusively and draws another name in the rare case of a clash.
+    """
+    return f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def validate_layers(merged: Mapping, sources: dict[tuple, str]) -> RunConfig:

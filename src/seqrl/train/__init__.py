@@ -10,4 +10,6 @@ forward.py     forwards over a rollout batch: log-probs, shared-prefix logits, c
 routing.py     an MoE policy's routing record and Routing Replay
 dist.py        everything rank-dependent (torchrun): sharding, all-reduce, rank-0 I/O
 checkpoint.py  atomic checkpoints; metrics.py, plots.py, diagnose.py, sft.py
+rundir.py      a run directory for one run: exclusive creation, the run lock, --overwrite
+shutdown.py    SIGINT / SIGTERM: finish the step, checkpoint, exit (a second signal: at once)
 """

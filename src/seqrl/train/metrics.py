@@ -121,18 +121,45 @@ class RunLogger:
             self._tb.close()
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (used on resume, so no step is logged twice)."""
+def read_jsonl(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+    """([(line, record), ...], torn) of a log written one JSON object per line.
+
+    A last line that does not parse is the record a killed process was writing: it is left out
+    and ``torn`` is True. Any other line that does not parse is an edit or a corruption, not an
+    interruption: ValueError naming the file and line.
+    """
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    rows = []
+    for i, raw in enumerate(lines):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == len(lines) - 1:
+                return rows, True
+            raise ValueError(
+                f"{path}, record {i + 1} of {len(lines)} is not a valid log line ({err}); only a "
+                f"torn last line (a run killed while writing it) is dropped automatically: fix or "
+                f"delete that line, then try again"
+            ) from err
+        rows.append((raw.decode("utf-8"), record))
+    return rows, False
+
+
+def truncate_jsonl(path: Path, last_step: int) -> bool:
+    """Drop records after ``last_step`` (used on resume, so no step is logged twice).
+
+    A torn last line is dropped too (see :func:`read_jsonl`); returns whether there was one.
+    """
     if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line)["step"] <= last_step
-    ]
+        return False
+    rows, torn = read_jsonl(path)
+    kept = [line for line, record in rows if record["step"] <= last_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+    return torn
 
 
 def metric_series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -142,5 +169,5 @@ def metric_series(records: list[dict], key: str) -> tuple[list[int], list[float]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``run_dir/metrics.jsonl`` (a live run's half-written last line left out)."""
+    return [record for _, record in read_jsonl(Path(run_dir) / "metrics.jsonl")[0]]

@@ -1,18 +1,24 @@
 """The training loop: one RL step (:meth:`Trainer.train_step`), evaluation, checkpoints, logging.
 
-``Trainer(cfg).fit()`` runs a whole run; ``Trainer.resume(run_dir).fit()`` continues one. The
-maths lives in :mod:`seqrl.core`; the pieces of a step in :mod:`seqrl.train.sampling` (rollout,
-rewards), :mod:`seqrl.train.step` and :mod:`seqrl.train.critic` (advantages, updates),
-:mod:`seqrl.train.forward` (log-probs) and :mod:`seqrl.train.optimize` (the optimiser pass);
-what a run is made of is built by :mod:`seqrl.train.builders`.
+``Trainer(cfg).fit()`` runs a whole run; ``Trainer.resume(run_dir).fit()`` continues one. A
+trainer holds its run directory from construction to the end of ``fit``
+(:mod:`seqrl.train.rundir`), and ``fit`` stops cleanly on SIGINT / SIGTERM
+(:mod:`seqrl.train.shutdown`). The maths lives in :mod:`seqrl.core`; the pieces of a step in
+:mod:`seqrl.train.sampling` (rollout, rewards), :mod:`seqrl.train.step` and
+:mod:`seqrl.train.critic` (advantages, updates), :mod:`seqrl.train.forward` (log-probs) and
+:mod:`seqrl.train.optimize` (the optimiser pass); what a run is made of is built by
+:mod:`seqrl.train.builders`.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +32,7 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.config import RunConfig, load_config
+from seqrl.config.schema import default_run_name
 from seqrl.evaluation import evaluate_samples
 from seqrl.models import save_policy
 from seqrl.models.critic import save_critic
@@ -40,6 +47,7 @@ from seqrl.train import dist as dist_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.rundir import RunDirError, claim_run_dir, describe_os_error
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
@@ -49,13 +57,33 @@ from seqrl.train.sampling import (
     score_rollout,
     stream_seed,
 )
+from seqrl.train.shutdown import StopRequest, exit_code
 from seqrl.train.step import compute_advantages, update_policy
 
-__all__ = ["TrainState", "Trainer", "TrainingAbortedError", "stream_seed"]
+__all__ = [
+    "RunDirError",
+    "TrainState",
+    "Trainer",
+    "TrainingAbortedError",
+    "TrainingInterruptedError",
+    "stream_seed",
+]
 
 
 class TrainingAbortedError(RuntimeError):
-    """Raised when training cannot continue (e.g. repeated non-finite updates)."""
+    """Raised when training cannot continue (e.g. repeated non-finite updates, a full disk)."""
+
+
+class TrainingInterruptedError(TrainingAbortedError):
+    """Raised by ``fit`` after SIGINT / SIGTERM, once the last step's checkpoint is saved.
+
+    ``exit_code`` is what the process should exit with: 130 (SIGINT) or 143 (SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = exit_code(signum)
 
 
 @dataclass
@@ -76,14 +104,29 @@ class Trainer:
         run_dir: Path | None = None,
         console: Console | None = None,
         progress: bool = True,
+        overwrite: bool = False,
+        _resuming: bool = False,
     ) -> None:
+        """Claim the run directory (before anything heavy is built), then build the run.
+
+        The directory is ``run_dir`` or ``output_dir/run_name``; it must not hold another run
+        unless ``overwrite`` (which empties it). ``Trainer.resume`` reopens an existing one.
+        """
         self.cfg, self.console, self.show_progress = cfg, console or Console(), progress
         self.dist: DistInfo = init_from_env()
-        run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name
-        self.run_dir = dist_lib.broadcast_object(run_dir, self.dist)  # rank 0's timestamp
         self.device = B.resolve_device(cfg.device, self.dist.local_rank)
         if self.dist.active:
             _check_multi_process(cfg, self.dist)
+        self._claim_run_dir(run_dir, overwrite=overwrite, resume=_resuming)
+        self._saved_step: int | None = None  # the step of the newest checkpoint this run wrote
+        try:
+            self._build(cfg)
+        except BaseException:  # bad data, a missing model, Ctrl-C: give the directory back
+            self.close()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        """Models, critic, task data, sampler, optimiser, schedule and prompt order."""
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -123,6 +166,35 @@ class Trainer:
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
+
+    def _claim_run_dir(self, run_dir: Path | None, *, overwrite: bool, resume: bool) -> None:
+        """Rank 0 creates (or reopens) and locks the run directory; every rank learns its path
+        or the reason it was refused. The lock is dropped at the end of ``fit``, by
+        :meth:`close`, or when the trainer is garbage-collected (e.g. its construction failed)."""
+        self._run = None
+        outcome = None
+        if self.dist.is_main:
+            path = Path(run_dir) if run_dir else Path(self.cfg.output_dir) / self.cfg.run_name
+            fresh_name = None
+            if run_dir is None and self.cfg.name is None:  # a default name: draw another one
+                fresh_name = lambda: default_run_name(self.cfg.algo.name)  # noqa: E731
+            try:
+                self._run = claim_run_dir(
+                    path, resume=resume, overwrite=overwrite, fresh_name=fresh_name
+                )
+                outcome = (self._run.path, None)
+                weakref.finalize(self, self._run.release)
+                ckpt.remove_temporaries(self._run.path / "checkpoints")
+            except RunDirError as err:
+                outcome = (path, str(err))
+        self.run_dir, refused = dist_lib.broadcast_object(outcome, self.dist)
+        if refused:
+            raise RunDirError(refused)
+
+    def close(self) -> None:
+        """Release the run directory (its lock); a directory nothing was written to is removed."""
+        if self._run is not None:
+            self._run.release()
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -395,38 +467,51 @@ class Trainer:
         metrics = self.evaluate()
         self.state.evals[step] = metrics
         if self.logger is not None:
-            self.logger.log(step, metrics)
-            if self.critic is not None and self.dist.is_main:
-                critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
+            with self._writing("the metrics log"):
+                self.logger.log(step, metrics)
+                if self.critic is not None and self.dist.is_main:
+                    critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train from ``state.step`` to ``train.steps``: evaluate, checkpoint, save ``final/``."""
+        """Train from ``state.step`` to ``train.steps``: evaluate, checkpoint, save ``final/``.
+
+        On SIGINT / SIGTERM the step in progress finishes (with its evaluation, if one is due),
+        a checkpoint of it is saved and :class:`TrainingInterruptedError` is raised; a second
+        signal stops at once. A failed write (a full disk, a read-only directory) raises
+        :class:`TrainingAbortedError` naming the file and the last intact checkpoint. The run
+        directory's lock is released when ``fit`` returns or raises.
+        """
         cfg = self.cfg
-        fresh = self.state.step == 0
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.logger = RunLogger(
-            self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
-        )
+        fresh = self.state.step == 0 and not self.state.evals
         try:
-            if fresh:
-                self._eval_and_log(0)
-            start_wall = time.perf_counter() - self.state.wall_time_s
-            with self._progress() as (progress, bar):
-                for step in range(self.state.step + 1, cfg.train.steps + 1):
-                    if self._out_of_time():
-                        break
-                    metrics = self._run_step(step, start_wall)
-                    progress.update(bar, advance=1, info=self._progress_info(metrics))
-            if self.state.step not in self.state.evals:
-                self._eval_and_log(self.state.step)
-            self._save()
-            self._save_final()
+            if self.dist.is_main and fresh:
+                with self._writing("the run config"):
+                    (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            with self._writing("the TensorBoard log"):
+                self.logger = RunLogger(
+                    self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
+                )
+            with StopRequest(self._on_stop_signal, repeats_exit=not self.dist.active) as stop:
+                if fresh:
+                    self._eval_and_log(0)
+                start_wall = time.perf_counter() - self.state.wall_time_s
+                with self._progress() as (progress, bar):
+                    for step in range(self.state.step + 1, cfg.train.steps + 1):
+                        self._stop_if_asked(stop)
+                        if self._out_of_time():
+                            break
+                        metrics = self._run_step(step, start_wall)
+                        progress.update(bar, advance=1, info=self._progress_info(metrics))
+                self._stop_if_asked(stop)
+                if self.state.step not in self.state.evals:
+                    self._eval_and_log(self.state.step)
+                self._save()
+                self._save_final()
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
+            self.close()
         summary = self.summary()
         if self.dist.is_main:
             self._print_summary(summary)
@@ -447,7 +532,8 @@ class Trainer:
         self.state.step = step
         self.state.wall_time_s = time.perf_counter() - start_wall
         self.state.train_time_s += metrics["time/step_s"]
-        self.logger.log(step, metrics)
+        with self._writing("the metrics log"):
+            self.logger.log(step, metrics)
         self._count_nonfinite(int(metrics["train/nonfinite_skipped"]))
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             self._eval_and_log(step)
@@ -458,6 +544,57 @@ class Trainer:
     def _out_of_time(self) -> bool:
         limit = self.cfg.train.time_limit_s
         return limit is not None and self.state.train_time_s >= limit
+
+    # ------------------------------------------------------------------ stopping early
+    def _on_stop_signal(self, signum: int) -> None:
+        """Runs inside the signal handler: say what happens next (rank 0; a raw write)."""
+        if not self.dist.is_main:
+            return
+        name = signal.Signals(signum).name
+        key = "Ctrl-C" if signum == signal.SIGINT else name
+        again = "" if self.dist.active else f"; {key} again stops at once"
+        stopping = "stopping at the end of this step, with a checkpoint"
+        os.write(2, f"\n{name} received: {stopping}{again}\n".encode())
+
+    def _stop_if_asked(self, stop: StopRequest) -> None:
+        """At a step boundary: if any rank caught a signal, save this step and stop (all ranks)."""
+        signum = stop.signum or 0
+        if self.dist.active:  # ranks may catch it a step apart: all stop at the same boundary
+            signum = max(dist_lib.gather_list([signum], self.dist))
+        if not signum:
+            return
+        if self._saved_step != self.state.step:
+            self._save()
+        dist_lib.barrier(self.dist)  # the checkpoint is on disk before any rank exits
+        where = self.run_dir / "checkpoints" / f"step-{self.state.step}"
+        launcher = "torchrun ... -m seqrl" if self.dist.active else "seqrl"
+        raise TrainingInterruptedError(
+            f"stopped by {signal.Signals(signum).name} after step {self.state.step} of "
+            f"{self.cfg.train.steps}; saved {where}\n"
+            f"resume with: {launcher} train --resume {self.run_dir}",
+            signum,
+        )
+
+    @contextmanager
+    def _writing(self, what: str):
+        """Turn a failed write (OSError) into a TrainingAbortedError naming the last checkpoint."""
+        try:
+            yield
+        except OSError as err:
+            latest = ckpt.complete_checkpoints(self.run_dir / "checkpoints")
+            if latest:
+                intact = (
+                    f"The last complete checkpoint, {latest[-1]}, is intact: once the cause is "
+                    f"fixed, continue with `seqrl train --resume {self.run_dir}`."
+                )
+            else:
+                intact = (
+                    "No checkpoint had been written yet, so there is nothing to resume: once "
+                    "the cause is fixed, start the run again (--overwrite reuses its name)."
+                )
+            raise TrainingAbortedError(
+                f"could not write {what}: {describe_os_error(err)}\n{intact}"
+            ) from err
 
     def _count_nonfinite(self, skipped: int) -> None:
         s = self.state
@@ -544,14 +681,19 @@ class Trainer:
         config_path = run_dir / "config.yaml"
         if not config_path.exists():
             raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
-        trainer = cls(load_config(str(config_path)), run_dir=run_dir, **kwargs)
+        trainer = cls(load_config(str(config_path)), run_dir=run_dir, _resuming=True, **kwargs)
         latest = ckpt.load_latest(run_dir / "checkpoints")
         if latest is None:
+            trainer.close()
             raise FileNotFoundError(
                 f"{run_dir}/checkpoints has no complete checkpoint to resume from; "
                 f"start the run again with `seqrl train {config_path}`"
             )
-        trainer._restore(latest)
+        try:
+            trainer._restore(latest)
+        except BaseException:
+            trainer.close()
+            raise
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
@@ -563,9 +705,15 @@ class Trainer:
             self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
+        self._saved_step = c.step
         if self.dist.is_main:  # rank 0 owns the logs
             for name in ("metrics.jsonl", "samples.jsonl", critic_lib.CALIBRATION_FILE):
-                truncate_jsonl(self.run_dir / name, self.state.step)
+                with self._writing(name):
+                    if truncate_jsonl(self.run_dir / name, self.state.step):
+                        self.console.print(
+                            f"dropped the torn last line of {name} (the run was stopped while "
+                            f"writing it)"
+                        )
         dist_lib.barrier(self.dist)
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
@@ -580,21 +728,24 @@ class Trainer:
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
-        ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.state.step,
-            self.model,
-            state,
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        with self._writing(f"checkpoint step-{self.state.step}"):
+            ckpt.save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.state.step,
+                self.model,
+                state,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        self._saved_step = self.state.step
 
     def _save_final(self) -> None:
         """``final/``: the policy (LoRA merged) and the critic in Hugging Face format."""
         if self.dist.is_main:
-            save_policy(self.model, self.tokenizer, self.run_dir / "final")
-            if self.critic is not None:
-                critic_dir = self.run_dir / "final" / "critic"
-                save_critic(merged(self.critic.model), self.tokenizer, critic_dir)
+            final = self.run_dir / "final"
+            with self._writing("the final model"), ckpt.write_errors_as_oserror(final):
+                save_policy(self.model, self.tokenizer, final)
+                if self.critic is not None:
+                    save_critic(merged(self.critic.model), self.tokenizer, final / "critic")
         dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
 
 
