@@ -88,6 +88,7 @@ def train(
         for warning in validate_warnings(cfg):
             console.print(f"[yellow]warning:[/yellow] {warning}")
 
+    from seqrl.tasks.sandbox import SandboxUnavailableError
     from seqrl.train.checkpoint import complete_checkpoints
     from seqrl.train.trainer import (
         RunDirError,
@@ -103,7 +104,7 @@ def train(
                 trainer = Trainer.resume(resume, console=console, progress=progress)
             else:
                 trainer = Trainer(cfg, console=console, progress=progress, overwrite=overwrite)
-        except ValueError as err:  # bad data rows, a missing chat template, a corrupt log, ...
+        except (ValueError, SandboxUnavailableError) as err:  # bad data rows, no sandbox, ...
             _fail(str(err))
         trainer.fit()
     except TrainingInterruptedError as err:
@@ -340,6 +341,7 @@ def eval_(
     from seqrl.tasks.files import DataError
     from seqrl.tasks.filetask import FileTask
     from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
+    from seqrl.tasks.sandbox import SandboxUnavailableError
 
     if (data is None) == (task is None):
         _fail("give exactly one of --data FILE or --task NAME")
@@ -362,7 +364,7 @@ def eval_(
             the_task = get_task(task)
             items = the_task.examples("test", min(limit or 200, the_task.max_examples("test")))
         policy, tokenizer = load_policy(model)
-    except (ValueError, DataError, FileNotFoundError) as err:
+    except (ValueError, DataError, FileNotFoundError, SandboxUnavailableError) as err:
         _fail(str(err).replace("pass on_error='skip'", "pass --on-error skip"))
     prompts = [e.prompt for e in items]
     if chat:

@@ -72,3 +72,29 @@ def test_bytes_that_are_not_utf8_name_the_row_or_are_skipped(data, tmp_path):
     skip = _eval("--data", str(data), "--on-error", "skip")
     assert skip.exit_code == 0, skip.output
     assert "note: 1 malformed rows skipped; first: " in skip.output
+
+
+def test_code_rewards_without_a_sandbox_are_a_clear_error_not_a_traceback(monkeypatch, tmp_path):
+    from seqrl.tasks import sandbox
+
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: None)  # a machine without bubblewrap
+    monkeypatch.delenv("SEQRL_SANDBOX", raising=False)
+    sandbox._bwrap_error.cache_clear()
+    try:
+        path = tmp_path / "code.jsonl"
+        path.write_text(json.dumps({"prompt": "add", "tests": "assert add(1, 2) == 3"}) + "\n")
+        common = ["--k", "1", "--max-new-tokens", "2"]
+        out = CliRunner().invoke(app, ["eval", "builtin:nano", "--data", str(path), *common,
+                                       "--reward", "code"])  # fmt: skip
+        assert out.exit_code == 2, out.output
+        assert "apt-get install bubblewrap" in out.output
+        assert out.exception is None or isinstance(out.exception, SystemExit)
+        train = CliRunner().invoke(app, ["train", "--no-progress", "--set", "task.name=file",
+            f"--set=task.train_file={path}", f"--set=task.test_file={path}",
+            "--set=task.reward=code", "--set=model.policy=builtin:nano",
+            "--set=rollout.max_new_tokens=4", f"--set=output_dir={tmp_path}"])  # fmt: skip
+        assert train.exit_code == 2, train.output
+        assert "apt-get install bubblewrap" in train.output
+        assert train.exception is None or isinstance(train.exception, SystemExit)
+    finally:
+        sandbox._bwrap_error.cache_clear()
