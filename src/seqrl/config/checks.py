@@ -33,10 +33,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
         ]
     problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
-    if cfg.task.name == "file" and not (cfg.task.train_file and cfg.task.test_file):
+    if cfg.task.name == "file" and not cfg.task.train_file:
         problems.append(
-            "task.name='file' needs task.train_file and task.test_file (the held-out problems "
-            "for evaluation; they may be the same file if you have no separate split)"
+            "task.name='file' needs task.train_file (and task.test_file for the held-out "
+            "problems, or a tenth of the train file is held out)"
         )
     if cfg.rollout.engine == "vllm" and cfg.device == "cpu":
         problems.append(
