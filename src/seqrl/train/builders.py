@@ -9,7 +9,6 @@ the policy before LoRA adapters are drawn from the global random stream.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from pathlib import Path
 
@@ -17,12 +16,14 @@ import torch
 
 from seqrl.config import OptimConfig, RunConfig
 from seqrl.core import PolicyLossConfig
-from seqrl.models import chat_prompts, load_policy
+from seqrl.evaluation import check_group_by
+from seqrl.models import load_policy
 from seqrl.models.critic import build_critic as build_critic_model
 from seqrl.models.load import enable_gradient_checkpointing
 from seqrl.models.lora import AdaptersOff, apply_lora
 from seqrl.models.moe import is_moe
 from seqrl.rollout import FastSampler, HFSampler, Sampler
+from seqrl.tasks.prompts import rendered
 from seqrl.tasks.rewards import resolve_terms
 from seqrl.train import dist as dist_lib
 from seqrl.train.critic import Critic, CriticSettings
@@ -214,19 +215,42 @@ def build_sampler(
 
 
 def build_task_data(cfg: RunConfig, tokenizer):
-    """(task, train examples, eval examples): prompts as the policy sees them (chat template)."""
+    """(task, train examples, eval examples): prompts as the policy sees them (chat template;
+    :mod:`seqrl.tasks.prompts`, the same for ``seqrl sft`` and ``seqrl eval``)."""
     task = cfg.task.build()
     train = task.examples("train", min(cfg.task.train_size, task.max_examples("train")))
     test = task.examples("test", min(cfg.task.eval_size, task.max_examples("test")))
-    if cfg.task.chat_template:  # the prompts the policy sees; verification is unchanged
-        train, test = _in_chat(tokenizer, train), _in_chat(tokenizer, test)
-    return task, train, test
+    if cfg.task.group_by:  # a misspelt column fails here, not at the first evaluation
+        check_group_by(test, cfg.task.group_by)
+    chat = cfg.task.chat_template  # the prompts the policy sees; verification is unchanged
+    return task, rendered(tokenizer, train, chat=chat), rendered(tokenizer, test, chat=chat)
 
 
-def _in_chat(tokenizer, examples: list) -> list:
-    """``examples`` with each prompt wrapped as a user turn of the tokenizer's chat template."""
-    prompts = chat_prompts(tokenizer, [e.prompt for e in examples])
-    return [dataclasses.replace(e, prompt=p) for e, p in zip(examples, prompts, strict=True)]
+# ------------------------------------------------------------------ logging
+
+
+def build_trackers(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> list:
+    """The ``log.wandb`` / ``log.mlflow`` trackers of rank 0 (:mod:`seqrl.train.metrics`)."""
+    from seqrl.config import ConfigError
+    from seqrl.train.metrics import open_trackers
+
+    log = cfg.log
+    if not dist.is_main or not (log.wandb or log.mlflow):
+        return []
+    wandb = {"project": log.wandb_project, "entity": log.wandb_entity} if log.wandb else None
+    mlflow = None
+    if log.mlflow:
+        mlflow = {"tracking_uri": log.mlflow_tracking_uri, "experiment": log.mlflow_experiment}
+    try:
+        return open_trackers(
+            run_dir,
+            name=run_dir.name,
+            config=cfg.model_dump(mode="json"),
+            wandb=wandb,
+            mlflow=mlflow,
+        )
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
 
 
 # ------------------------------------------------------------------ settings

@@ -13,6 +13,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from seqrl.config import RunConfig, load_config
-from seqrl.evaluation import evaluate_samples
+from seqrl.config import ConfigError, RunConfig, resume_config
+from seqrl.evaluation import evaluate_samples, group_means
 from seqrl.models import save_policy
 from seqrl.models.critic import save_critic
 from seqrl.models.load import checkpointing_active
@@ -262,7 +263,8 @@ class Trainer:
                 for t in (rollout.correct, rollout.batch.lengths, rollout.batch.truncated)
             ]
             terms = dist_lib.gather_cat(rollout.terms.T, self.dist).T  # [n_terms, all rows]
-            metrics |= rollout_metrics(*gathered, self.sampling_settings, terms)
+            scores = dist_lib.gather_cat(rollout.scores, self.dist)
+            metrics |= rollout_metrics(*gathered, self.sampling_settings, terms, scores)
         metrics = reduce_metrics(metrics, self.dist)
         metrics["throughput/tokens_per_s"] *= self.dist.world_size  # all ranks' tokens
         return metrics
@@ -306,10 +308,14 @@ class Trainer:
             local = torch.cat(parts) if parts else torch.zeros(0)
             return dist_lib.gather_cat(local.double(), self.dist)
 
+        greedy_scores = gathered(greedy_hits)  # [eval examples], in their order
         out = {
-            "eval/greedy_acc": gathered(greedy_hits).mean().item(),
+            "eval/greedy_acc": greedy_scores.mean().item(),
             "eval/greedy_len_mean": gathered(lengths).mean().item(),
         }
+        if self.cfg.task.group_by:  # eval/greedy_acc/<value of the column>
+            groups = group_means(greedy_scores.tolist(), self.eval_examples, self.cfg.task.group_by)
+            out |= {f"eval/greedy_acc/{name}": acc for name, acc in groups.items()}
         if k:
             records = dist_lib.gather_list(records, self.dist)  # in eval-example order
             for key in (f"avg@{k}", f"pass@{k}", f"cons@{k}"):
@@ -366,7 +372,10 @@ class Trainer:
             if fresh:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.logger = RunLogger(
-            self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
+            self.run_dir,
+            enabled=self.dist.is_main,
+            tensorboard=cfg.log.tensorboard,
+            trackers=B.build_trackers(cfg, self.run_dir, self.dist),  # wandb, MLflow
         )
         try:
             if fresh:
@@ -488,13 +497,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and resume
     @classmethod
-    def resume(cls, run_dir: Path, **kwargs) -> Trainer:
-        """Continue the run in ``run_dir`` from its newest complete checkpoint."""
+    def resume(cls, run_dir: Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
+        """Continue the run in ``run_dir`` from its newest complete checkpoint.
+
+        ``overrides`` may change what :data:`seqrl.config.RESUME_SAFE_KEYS` lists (e.g.
+        ``train.steps=400`` to extend a finished run); config.yaml is updated with them.
+        """
         run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
-        trainer = cls(load_config(str(config_path)), run_dir=run_dir, **kwargs)
+        cfg = resume_config(run_dir, overrides)
+        trainer = cls(cfg, run_dir=run_dir, **kwargs)
         latest = ckpt.load_latest(run_dir / "checkpoints")
         if latest is None:
             raise FileNotFoundError(
@@ -502,6 +514,13 @@ class Trainer:
                 f"start the run again with `seqrl train {config_path}`"
             )
         trainer._restore(latest)
+        if cfg.train.steps < trainer.state.step:
+            raise ConfigError(
+                f"train.steps={cfg.train.steps} is below the step the run has reached "
+                f"({trainer.state.step}); a resume can only go on"
+            )
+        if overrides and trainer.dist.is_main:
+            config_path.write_text(cfg.to_yaml())
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
