@@ -145,11 +145,13 @@ def run_sft(
             acc |= {
                 f"greedy_acc/{k}": v for k, v in group_means(scores, held_out, group_by).items()
             }
-        per_group = "  ".join(f"{k[11:]} {v:.3f}" for k, v in acc.items() if "/" in k)
         console.print(
             f"held-out greedy accuracy {when} SFT: {acc['greedy_acc']:.3f} "
-            f"({len(held_out)} problems){'  ' + per_group if per_group else ''}"
+            f"({len(held_out)} problems)"
         )
+        if group_by:
+            groups = "  ".join(f"{k[11:]} {v:.3f}" for k, v in acc.items() if "/" in k)
+            console.print(f"  by {group_by}: {groups}")
         return acc
 
     start_acc = held_out_accuracy("before")
