@@ -1,6 +1,7 @@
 """File-backed tasks (math / code / exact rewards) and `seqrl eval` end to end on real files."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,9 +95,11 @@ def test_seqrl_eval_cli_on_a_data_file(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "pass@2" in done.stdout and "avg@2" in done.stdout
+    assert "pass@2" in done.stdout and "avg@2" in done.stdout and "greedy_acc" in done.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and all(len(r["completions"]) == 2 for r in records)
+    assert all({"greedy", "greedy_score"} <= set(r) for r in records)
+    assert records[0]["prompt"].startswith("Gus has 4 marbles")  # the text the model was given
 
 
 @pytest.mark.slow
@@ -242,3 +245,35 @@ def test_chat_rows_render_with_the_template_and_their_system_turn(tmp_path):
     assert seen[1].prompt == "<|im_start|>user\nQ: last? owl fox<|im_end|>\n<|im_start|>assistant\n"
     assert rendered(tok, [plain_row], chat=False)[0].prompt == "Q: last? owl fox"
     assert seen[0].answer == "owl"  # verification never sees the template
+
+
+@pytest.mark.slow
+def test_the_seqrl_command_imports_a_reward_module_from_the_working_directory(tmp_path):
+    """As `python -m` would: no PYTHONPATH=. for ./my_rewards.py (a console script's own
+    folder is on its import path, not the working directory)."""
+    import seqrl
+
+    (tmp_path / "bin").mkdir()
+    launcher = tmp_path / "bin" / "seqrl"
+    launcher.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom seqrl.cli import app\nsys.exit(app())\n"
+    )
+    launcher.chmod(0o755)
+    project = tmp_path / "project"
+    project.mkdir()
+    _words(project)
+    (project / "my_rewards.py").write_text(
+        "def score(completion, example):\n    return float(completion.startswith(example.answer))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(seqrl.__file__).resolve().parents[1])}
+    args = ["--reward", "my_rewards:score", "--k", "1", "--limit", "2", "--max-new-tokens", "2"]
+    done = subprocess.run(
+        [str(launcher), "eval", "builtin:nano", "--data", "words.jsonl", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "greedy_acc" in done.stdout
