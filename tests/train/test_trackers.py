@@ -133,3 +133,13 @@ def test_a_tracker_that_is_not_installed_is_a_config_error(fast_overrides, monke
         ConfigError, match=r"log.wandb is true but wandb is not installed.*seqrl\[wandb\]"
     ):
         trainer.fit()
+
+
+def test_an_mlflow_store_that_cannot_open_is_a_config_error(fast_overrides):
+    pytest.importorskip("mlflow")
+    trainer = Trainer(
+        _cfg(fast_overrides, "log.mlflow=true", "log.mlflow_tracking_uri=nosuchscheme://x"),
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"log.mlflow: could not start the mlflow run"):
+        trainer.fit()

@@ -232,7 +232,7 @@ def build_task_data(cfg: RunConfig, tokenizer):
 def build_trackers(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> list:
     """The ``log.wandb`` / ``log.mlflow`` trackers of rank 0 (:mod:`seqrl.train.metrics`)."""
     from seqrl.config import ConfigError
-    from seqrl.train.metrics import open_trackers
+    from seqrl.train.metrics import TrackerError, open_trackers
 
     log = cfg.log
     if not dist.is_main or not (log.wandb or log.mlflow):
@@ -249,7 +249,7 @@ def build_trackers(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> list:
             wandb=wandb,
             mlflow=mlflow,
         )
-    except ImportError as err:
+    except TrackerError as err:
         raise ConfigError(str(err)) from None
 
 

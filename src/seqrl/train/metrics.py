@@ -89,6 +89,10 @@ def _clean(value):
     return value
 
 
+class TrackerError(RuntimeError):
+    """A tracker (wandb, MLflow) that is not installed or could not start its run."""
+
+
 class Tracker(Protocol):
     """An experiment tracker a :class:`RunLogger` forwards every step's metrics to."""
 
@@ -214,7 +218,8 @@ def open_trackers(
 ) -> list[Tracker]:
     """The wandb and MLflow trackers asked for (keyword arguments of their classes, or None).
 
-    Raises ImportError naming the extra to install when a package is missing.
+    Raises :class:`TrackerError` naming the extra to install when a package is missing, or
+    what failed when the tracker could not start its run (a bad URI, no credentials, ...).
     """
     trackers: list[Tracker] = []
     for key, settings, cls in (("wandb", wandb, WandbTracker), ("mlflow", mlflow, MlflowTracker)):
@@ -222,12 +227,18 @@ def open_trackers(
             continue
         try:
             trackers.append(cls(run_dir, name=name, config=config, **settings))
-        except ImportError:
+        except Exception as err:  # close what was opened, then one clear message
             for t in trackers:
                 t.close()
-            raise ImportError(
-                f"log.{key} is true but {key} is not installed; pip install 'seqrl[{key}]' "
-                f"or set log.{key}=false"
+            if isinstance(err, ImportError):
+                raise TrackerError(
+                    f"log.{key} is true but {key} is not installed; pip install 'seqrl[{key}]' "
+                    f"or set log.{key}=false"
+                ) from None
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+            raise TrackerError(
+                f"log.{key}: could not start the {key} run ({type(err).__name__}: {detail}); "
+                f"check the log.{key}_* settings and credentials, or set log.{key}=false"
             ) from None
     return trackers
 
