@@ -81,7 +81,10 @@ def test_config_dicts_take_functions_and_paths_and_refuse_other_objects(tmp_path
         return 1.0
 
     cfg = seqrl.load_config(
-        {"task": {"reward": score}, "reward": {"terms": [{"fn": score, "weight": 0.5}]}},
+        {
+            "task": {"name": "file", "train_file": "rows.jsonl", "reward": score},
+            "reward": {"terms": [{"fn": score, "weight": 0.5}]},
+        },
         ["train.steps=3"],
     )
     assert cfg.task.reward == cfg.reward.terms[0].fn and cfg.task.reward.startswith("callable:")

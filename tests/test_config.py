@@ -450,11 +450,24 @@ def test_dynamic_sampling_with_one_sample_per_prompt_warns():
 
 
 def test_the_verifier_is_a_builtin_name_or_a_function():
-    assert load_config(None, ["task.reward=my_rewards:score"]).task.reward == "my_rewards:score"
+    mine = load_config(None, ["task.name=file", "task.train_file=d.jsonl", "task.reward=m:score"])
+    assert mine.task.reward == "m:score"
     assert load_config(None, ["task.reward=exact"]).task.reward == "exact"
     message = _error(None, ["task.reward=exakt"])
     assert "task.reward: must be one of math, code, exact or your own function" in message
     assert "did you mean 'exact'?" in message
+    message = _error(None, ["task.name=addition", "task.reward=my_rewards:score"])
+    assert "applies to task.name='file'" in message
+    cfg = load_config(
+        None,
+        [
+            "task.name=file",
+            "task.train_file=d.jsonl",
+            "task.reward=my_rewards:score",
+            "reward.terms=[{fn: format}]",
+        ],
+    )
+    assert any("the format term is always 0" in w for w in validate_warnings(cfg))
 
 
 def test_relative_paths_in_a_yaml_resolve_against_its_folder(tmp_path, monkeypatch):

@@ -33,6 +33,11 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
         ]
     problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
+    if cfg.task.name != "file" and ":" in cfg.task.reward:
+        problems.append(
+            f"task.reward={cfg.task.reward!r} applies to task.name='file' (your data); the "
+            f"built-in task {cfg.task.name!r} scores with its own exact verifier"
+        )
     if cfg.task.name == "file" and not cfg.task.train_file:
         problems.append(
             "task.name='file' needs task.train_file (and task.test_file for the held-out "
@@ -237,6 +242,11 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
         out.append(
             "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
             "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
+        )
+    if ":" in cfg.task.reward and any(t.fn == "format" for t in cfg.reward.terms):
+        out.append(
+            f"reward.terms has 'format' but the verifier is your function {cfg.task.reward!r}, "
+            "which parses no answer: the format term is always 0"
         )
     if cfg.algo.advantage in ("group", "group_centered") and cfg.rollout.group_size == 1:
         out.append(
