@@ -55,7 +55,8 @@ def _threads(threads: int | None) -> int:
     from seqrl.threads import set_threads, threads_line
 
     n, why = set_threads(threads)
-    Console(stderr=True, markup=False).print(threads_line(n, why))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job
+        Console(stderr=True, markup=False).print(threads_line(n, why))
     return n
 
 

@@ -148,7 +148,7 @@ def test_exact_compares_the_first_word_as_written(tmp_path):
 
 
 def test_a_user_function_is_the_verifier_by_name_or_as_a_callable(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "filetask_rewards.py").write_text(
         "def score(completion, example):\n"
         "    words = completion.split()\n"
         "    return float(bool(words) and words[0].strip('.').lower() == example.answer)\n"
@@ -156,7 +156,7 @@ def test_a_user_function_is_the_verifier_by_name_or_as_a_callable(tmp_path, monk
         "    return 0.5\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    task = FileTask(train=_words(tmp_path), reward="my_rewards:score")
+    task = FileTask(train=_words(tmp_path), reward="filetask_rewards:score")
     ex = task.examples("train")[0]
     assert task.score("Owl.", ex) == 1.0 and task.score("fox", ex) == 0.0
     assert task.extract_answer("owl") is None  # no parser: no majority vote (cons@k)

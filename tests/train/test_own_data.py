@@ -38,7 +38,7 @@ def project(tmp_path, monkeypatch):
             ]
             rows.append({"messages": messages, "kind": kind})
     (tmp_path / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "own_data_rewards.py").write_text(
         textwrap.dedent(
             """
             def score(completion, example):
@@ -69,7 +69,7 @@ def _cfg(project, *extra):
             "task.name=file",
             f"task.train_file={project / 'words.jsonl'}",
             f"task.test_file={project / 'words.jsonl'}",
-            "task.reward=my_rewards:score",
+            "task.reward=own_data_rewards:score",
             "task.group_by=kind",
             "rollout.prompts_per_step=4",
             "rollout.group_size=2",
@@ -100,11 +100,11 @@ def test_a_verifiers_value_is_the_reward_where_it_is_positive():
 
 
 def test_the_users_function_is_the_reward_of_the_rl_step(project):
-    trainer = Trainer(_cfg(project, "task.reward=my_rewards:half"), progress=False)
+    trainer = Trainer(_cfg(project, "task.reward=own_data_rewards:half"), progress=False)
     metrics = trainer.train_step(1)
     assert metrics["reward/mean"] == pytest.approx(0.5)  # graded: its value, not 1
     assert metrics["train/accuracy"] == 1.0  # a positive value counts as right
-    zero = Trainer(_cfg(project, "task.reward=my_rewards:zero", "reward.incorrect=-1"))
+    zero = Trainer(_cfg(project, "task.reward=own_data_rewards:zero", "reward.incorrect=-1"))
     assert zero.train_step(1)["reward/mean"] == pytest.approx(-1.0)
 
 
