@@ -119,3 +119,13 @@ def test_a_failed_push_keeps_the_model_and_says_how_to_push_it(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     with pytest.raises(HubPushError, match=r"'me/x' failed.*saved in .*final.*hf upload me/x"):
         push_folder(tmp_path / "final", "me/x")
+
+
+def test_a_datasets_dataset_is_data_and_a_dataset_dict_asks_for_a_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS[::25])  # both kinds
+    report = seqrl.evaluate("builtin:nano", NANO, data=ds, reward="exact", k=1)
+    assert {"greedy_acc", "avg@1", "greedy_acc/small", "greedy_acc/big"} <= set(report)
+    both = datasets.DatasetDict({"train": ds, "test": ds})
+    with pytest.raises(TypeError, match=r"DatasetDict with splits \['train', 'test'\]: pick one"):
+        seqrl.RLTrainer({**NANO, "output_dir": str(tmp_path)}, train_data=both)
