@@ -30,3 +30,88 @@ class ExpertsObserver:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+class LocalHub:
+    """A stand-in for the Hugging Face Hub on 127.0.0.1, serving the three endpoints an upload
+    uses: ``POST /api/repos/create``, ``POST /api/models/<repo>/preupload/<rev>`` (every file
+    is a regular git blob, so no LFS or Xet storage is involved) and ``POST
+    /api/models/<repo>/commit/<rev>`` (the NDJSON commit, files base64-encoded).
+
+    ``repos[repo_id]`` is ``{"private": bool, "files": {path: bytes}, "commits": [message]}``;
+    ``unexpected`` lists any other request. A context manager; ``endpoint`` is the value for
+    ``HF_ENDPOINT``.
+    """
+
+    def __init__(self):
+        import base64
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.repos, self.unexpected = {}, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _reply(self, status, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api", "repos", "create"]:
+                    req = json.loads(body)
+                    repo = f"{req['organization']}/{req['name']}"
+                    entry = hub.repos.setdefault(repo, {"files": {}, "commits": []})
+                    entry["private"] = req.get("visibility") == "private"
+                    return self._reply(200, {"url": f"{hub.endpoint}/{repo}"})
+                if len(parts) == 6 and parts[:2] == ["api", "models"]:
+                    repo, action = f"{parts[2]}/{parts[3]}", parts[4]
+                    if repo not in hub.repos:
+                        return self._reply(404, {"error": f"repository {repo} not found"})
+                    if action == "preupload":
+                        files = json.loads(body)["files"]
+                        modes = [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                            for f in files
+                        ]
+                        return self._reply(200, {"files": modes})
+                    if action == "commit":
+                        for line in body.splitlines():
+                            item = json.loads(line)
+                            if item["key"] == "header":
+                                hub.repos[repo]["commits"].append(item["value"]["summary"])
+                            elif item["key"] == "file":
+                                value = item["value"]
+                                content = base64.b64decode(value["content"])
+                                hub.repos[repo]["files"][value["path"]] = content
+                            else:
+                                return self._reply(400, {"error": f"unexpected {item['key']}"})
+                        url = f"{hub.endpoint}/{repo}/commit/{'0' * 40}"
+                        return self._reply(200, {"commitUrl": url, "commitOid": "0" * 40})
+                hub.unexpected.append(("POST", self.path))
+                return self._reply(404, {"error": f"not served by the stand-in: {self.path}"})
+
+            def do_GET(self):
+                hub.unexpected.append(("GET", self.path))
+                return self._reply(404, {"error": f"not served by the stand-in: {self.path}"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()

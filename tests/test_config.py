@@ -475,3 +475,81 @@ def test_dynamic_sampling_with_one_sample_per_prompt_warns():
     cfg = load_config("remax", ["rollout.dynamic_sampling=true"])
     assert any("keeps every group" in w for w in validate_warnings(cfg))
     assert not any("keeps every group" in w for w in validate_warnings(load_config("dapo")))
+
+
+# --------------------------------------------------------------------------- your own data
+
+
+def test_the_verifier_is_a_builtin_name_or_a_function():
+    mine = load_config(None, ["task.name=file", "task.train_file=d.jsonl", "task.reward=m:score"])
+    assert mine.task.reward == "m:score"
+    assert load_config(None, ["task.reward=exact"]).task.reward == "exact"
+    message = _error(None, ["task.reward=exakt"])
+    assert "task.reward: must be one of math, code, exact or your own function" in message
+    assert "did you mean 'exact'?" in message
+    message = _error(None, ["task.name=addition", "task.reward=my_rewards:score"])
+    assert "applies to task.name='file'" in message
+    cfg = load_config(
+        None,
+        [
+            "task.name=file",
+            "task.train_file=d.jsonl",
+            "task.reward=my_rewards:score",
+            "reward.terms=[{fn: format}]",
+        ],
+    )
+    assert any("the format term is always 0" in w for w in validate_warnings(cfg))
+
+
+def test_relative_paths_in_a_yaml_resolve_against_its_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text("{}\n")
+    (project / "my-model").mkdir()
+    path = _write(
+        project,
+        "task: {name: file, train_file: data/train.jsonl, test_file: data/missing.jsonl}\n"
+        "model: {policy: my-model, reference: org/hub-model}\n"
+        "output_dir: runs\n",
+    )
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    cfg = load_config(path)
+    assert cfg.task.train_file == str(project / "data" / "train.jsonl")
+    assert cfg.task.test_file == str(project / "data" / "missing.jsonl")  # errors name this
+    assert cfg.model.policy == str(project / "my-model")
+    assert cfg.model.reference == "org/hub-model"  # no such folder there: a Hub id, kept
+    assert cfg.output_dir == "runs"  # where runs go stays relative to the working directory
+    # overrides are command-line values: relative to the working directory, untouched
+    assert load_config(path, ["model.policy=other"]).model.policy == "other"
+    # a Hub dataset id that is no file next to the YAML is kept as it is
+    hub = _write(project, "task: {name: file, train_file: openai/gsm8k}\n", "hub.yaml")
+    assert load_config(hub).task.train_file == "openai/gsm8k"
+
+
+def test_override_values_that_yaml_misreads_say_to_quote_them():
+    message = _error(None, ["task.prompt_template=Q: {prompt}"])
+    assert "YAML read the value as a mapping: quote it" in message
+    assert """--set 'task.prompt_template="..."'""" in message
+    message = _error(None, ["task.prompt_template={prompt} ="])
+    assert "invalid YAML" in message and "needs quotes" in message
+    good = load_config(None, ['task.prompt_template="Q: {prompt} = ?"'])
+    assert good.task.prompt_template == "Q: {prompt} = ?"
+
+
+def test_resume_may_change_cadence_and_logging_only(tmp_path):
+    from seqrl.config import resume_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config(None, ["train.steps=10"]).to_yaml())
+    cfg = resume_config(run, ["train.steps=30", "train.eval_every=5", "log.wandb=true"])
+    assert (cfg.train.steps, cfg.train.eval_every, cfg.log.wandb) == (30, 5, True)
+    with pytest.raises(ConfigError) as info:
+        resume_config(run, ["optim.lr=1", "train.steps=30", "rollout.group_size=2"])
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert "optim.lr cannot change when resuming" in problems[0]
+    assert "train.steps" in problems[0] and str(run / "final") in problems[0]
+    assert "rollout.group_size cannot change" in problems[1]
+    with pytest.raises(FileNotFoundError, match=r"no config\.yaml"):
+        resume_config(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,9 @@ app = typer.Typer(
 
 @app.callback()
 def _quiet_transformers() -> None:
-    """seqrl draws its own progress; silence transformers' per-file bars and info logs.
+    """seqrl draws its own progress; silence transformers' per-file bars and info logs, and put
+    the working directory on the import path as ``python -m`` does, so that a reward function
+    ``my_rewards:score`` in ./my_rewards.py imports without PYTHONPATH=.
 
     Through the environment variables transformers and huggingface_hub read when they are
     imported, so that a command that fails early (a config error) never imports them; a value
@@ -31,6 +34,8 @@ def _quiet_transformers() -> None:
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _fmt(value) -> str:
@@ -42,6 +47,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+THREADS_HELP = (
+    "CPU threads for torch; default: OMP_NUM_THREADS, else the cores this process may use "
+    "(at most 8). Use 1 when other jobs share the machine"
+)
+
+
+def _threads(threads: int | None) -> int:
+    """Set torch's CPU threads and print the start-up line (``seqrl.threads``)."""
+    from seqrl.threads import set_threads, threads_line
+
+    n, why = set_threads(threads)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job
+        Console(stderr=True, markup=False).print(threads_line(n, why))
+    return n
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -51,10 +72,19 @@ def train(
         ),
     ] = None,
     set_: Annotated[
-        list[str], typer.Option("--set", help="override a config key: --set train.steps=20")
+        list[str],
+        typer.Option(
+            "--set",
+            help="override a config key: --set train.steps=20 (quote values with {}, [] or "
+            """': ' for YAML: --set 'task.prompt_template="Q: {prompt}"')""",
+        ),
     ] = [],  # noqa: B006
     resume: Annotated[
-        Path | None, typer.Option(help="continue the run in this run directory")
+        Path | None,
+        typer.Option(
+            help="continue the run in this run directory (--set may change its steps, "
+            "evaluation, checkpoint and logging settings)"
+        ),
     ] = None,
     overwrite: Annotated[
         bool,
@@ -65,28 +95,47 @@ def train(
         ),
     ] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    threads: Annotated[
+        int | None, typer.Option(help=THREADS_HELP + " (the `threads` config key)", min=1)
+    ] = None,
 ) -> None:
     """Train a policy with RL. With no argument: the embedded CPU demo.
 
     Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143);
-    a second one exits at once. Continue with --resume RUN_DIR.
+    a second one exits at once. Continue with --resume RUN_DIR (--set may then change its
+    steps, evaluation, checkpoint and logging).
     """
-    from seqrl.config import ConfigError, load_config, validate_warnings
+    from seqrl.config import ConfigError, load_config, resume_config, validate_warnings
 
     console = Console()
-    cfg = None
-    if resume is not None:
-        if config or set_:
-            _fail("--resume continues a run with its saved config.yaml; drop CONFIG and --set")
-        if overwrite:
-            _fail("--overwrite starts a run from scratch, --resume continues it: give one")
-    else:  # a bad config fails here, before the trainer, models and transformers are imported
-        try:
-            cfg = load_config(config, set_)
-        except ConfigError as err:
-            _fail(str(err))
-        for warning in validate_warnings(cfg):
-            console.print(f"[yellow]warning:[/yellow] {warning}")
+    overrides = [*set_, *([f"threads={threads}"] if threads is not None else [])]
+    # a bad config fails here, before the trainer, models and transformers are imported
+    try:
+        if resume is not None:
+            if config:
+                _fail(
+                    "--resume continues a run with its saved config.yaml; drop CONFIG "
+                    "(--set may still change its steps, evaluation, checkpoint and logging)"
+                )
+            if overwrite:
+                _fail("--overwrite starts a run from scratch, --resume continues it: give one")
+            cfg = resume_config(resume, overrides)
+            if any(o.strip().startswith("train.steps") for o in overrides) and "cosine" in (
+                cfg.optim.schedule,
+                cfg.critic.schedule,
+            ):
+                console.print(
+                    "[yellow]warning:[/yellow] the cosine learning-rate schedule now decays "
+                    f"over train.steps={cfg.train.steps}: the remaining steps follow the new "
+                    "curve, so the learning rate changes at the resumed step"
+                )
+        else:
+            cfg = load_config(config, overrides)
+            for warning in validate_warnings(cfg):
+                console.print(f"[yellow]warning:[/yellow] {warning}")
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+    _threads(cfg.threads)
 
     from seqrl.tasks.sandbox import SandboxUnavailableError
     from seqrl.train.checkpoint import complete_checkpoints
@@ -101,12 +150,19 @@ def train(
     try:
         try:
             if resume is not None:
-                trainer = Trainer.resume(resume, console=console, progress=progress)
+                trainer = Trainer.resume(resume, overrides, console=console, progress=progress)
             else:
                 trainer = Trainer(cfg, console=console, progress=progress, overwrite=overwrite)
         except (ValueError, SandboxUnavailableError) as err:  # bad data rows, no sandbox, ...
             _fail(str(err))
         trainer.fit()
+        if trainer.dist.is_main and trainer.cfg.hub.repo_id:
+            from seqrl.hub import HubPushError, push_run
+
+            try:
+                push_run(trainer.run_dir, trainer.cfg.hub, console=console)
+            except HubPushError as err:
+                _fail(str(err))
     except TrainingInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":
             Console(stderr=True, markup=False).print(str(err), soft_wrap=True)
@@ -135,17 +191,37 @@ def train(
 @app.command()
 def sft(
     out: Annotated[Path, typer.Option(help="where to save the warm-started model (HF format)")],
+    config: Annotated[
+        str | None,
+        typer.Argument(
+            help="a run config (YAML or preset) whose model and task settings to use, as "
+            "`seqrl train` reads them; none = the built-in task from the options below"
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set", help="override a config key, as for train: --set task.train_file=d.jsonl"
+        ),
+    ] = [],  # noqa: B006
     model: Annotated[
-        str, typer.Option(help="starting model: builtin:tiny or a local HF directory")
-    ] = "builtin:tiny",
-    task: Annotated[str, typer.Option(help="addition | scratchpad")] = "addition",
-    digits: Annotated[int, typer.Option(help="operand digits")] = 3,
-    operands: Annotated[int, typer.Option(help="scratchpad: operands per problem")] = 4,
-    task_seed: Annotated[int, typer.Option(help="seed of the task's problem set")] = 1234,
+        str | None,
+        typer.Option(help="starting model (model.policy); default builtin:tiny, or the config's"),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="addition | scratchpad | file (task.name)")
+    ] = None,
+    digits: Annotated[int | None, typer.Option(help="operand digits (task.digits)")] = None,
+    operands: Annotated[
+        int | None, typer.Option(help="scratchpad: operands per problem (task.operands)")
+    ] = None,
+    task_seed: Annotated[
+        int | None, typer.Option(help="seed of the task's problem set (task.seed)")
+    ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 300,
     batch_size: Annotated[int, typer.Option()] = 64,
     lr: Annotated[float, typer.Option()] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int | None, typer.Option(help="default: the config's seed (0)")] = None,
     teacher_slip_rate: Annotated[
         float,
         typer.Option(
@@ -153,30 +229,42 @@ def sft(
             "(addition: the carry out of the ones column is forgotten)"
         ),
     ] = 0.0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1)] = None,
 ) -> None:
-    """Supervised warm start on a built-in task (makes the shipped builtin:tiny-addition*)."""
-    from seqrl.models import load_policy
-    from seqrl.tasks import get_task
-    from seqrl.train.sft import SFTSettings, run_sft
+    """Supervised warm start, on a built-in task or your data (the same task settings as train).
 
-    kwargs = {"digits": digits, "seed": task_seed} | (
-        {"operands": operands} if task == "scratchpad" else {}
-    )
+    Prompts are encoded exactly as the rollout encodes them (template, chat, no added BOS), the
+    reply is the row's completion (or answer) followed by EOS. Held-out greedy accuracy is
+    printed before and after.
+    """
+    from seqrl.config import ConfigError, load_config
+    from seqrl.train.sft import SFTSettings, sft_from_config
+
+    flags = {
+        "model.policy": model,
+        "task.name": task,
+        "task.digits": digits,
+        "task.operands": operands,
+        "task.seed": task_seed,
+    }
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if config is None and model is None and not any(o.startswith("model.policy=") for o in set_):
+        overrides.insert(0, "model.policy=builtin:tiny")  # a random model to warm-start
     try:
-        the_task = get_task(task, **kwargs)
-        policy, tokenizer = load_policy(model)
-    except (ValueError, FileNotFoundError) as err:
+        cfg = load_config(config, [*overrides, *set_])
+    except ConfigError as err:
         _fail(str(err))
+    _threads(threads if threads is not None else cfg.threads)
     settings = SFTSettings(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        seed=seed,
+        seed=cfg.seed if seed is None else seed,
         teacher_slip_rate=teacher_slip_rate,
     )
     try:
-        run_sft(policy, tokenizer, the_task, settings, out_dir=out)
-    except ValueError as err:
+        sft_from_config(cfg, settings, out_dir=out)
+    except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
 
 
@@ -188,26 +276,52 @@ def make_model(
         typer.Option(help="text to train the tokenizer on: .jsonl (every string field) or text"),
     ],
     architecture: Annotated[str, typer.Option(help="llama | qwen2 | mistral")] = "llama",
+    size: Annotated[
+        str, typer.Option(help="tiny (64 wide, 2 layers) | small (128, 4) | base (256, 6)")
+    ] = "tiny",
+    hidden: Annotated[int | None, typer.Option(help="hidden size (overrides --size)")] = None,
+    layers: Annotated[int | None, typer.Option(help="decoder layers (overrides --size)")] = None,
+    heads: Annotated[int | None, typer.Option(help="attention heads (overrides --size)")] = None,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (at most)")] = 512,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1)] = None,
 ) -> None:
     """A small random stand-in for a pretrained model: BPE tokenizer on your text + HF model."""
-    from seqrl.models.pretrained import write_stand_in
+    from seqrl.models.pretrained import SIZES, write_stand_in
+
+    if size not in SIZES:
+        _fail(f"unknown --size {size!r}; choose one of {', '.join(SIZES)} (or --hidden/--layers)")
+    shape = dict(zip(("hidden_size", "layers", "heads"), SIZES[size], strict=True))
+    given = {"hidden_size": hidden, "layers": layers, "heads": heads}
+    shape |= {key: value for key, value in given.items() if value is not None}
+    _threads(threads)
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
 
     def lines(path: Path):
         if path.suffix == ".jsonl":
             for line in path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line) if line.strip() else {}
-                yield from (v for v in row.values() if isinstance(v, str))
+                yield from strings(json.loads(line) if line.strip() else {})
         else:
             yield from path.read_text(encoding="utf-8").splitlines()
 
     try:
         texts = [t for path in text for t in lines(path)]
-        write_stand_in(out, texts, architecture=architecture, vocab_size=vocab_size, seed=seed)
+        write_stand_in(
+            out, texts, architecture=architecture, vocab_size=vocab_size, seed=seed, **shape
+        )
     except (OSError, ValueError) as err:
         _fail(str(err))
-    Console().print(f"wrote {out} ({architecture}); use it as model.policy={out}")
+    what = f"{architecture}, hidden {shape['hidden_size']}, {shape['layers']} layers"
+    Console().print(f"wrote {out} ({what}); use it as model.policy={out}")
 
 
 @app.command()
@@ -272,12 +386,23 @@ def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> st
 
 
 @app.command()
-def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>)")]) -> None:
-    """Draw reward, accuracy, length and clip-fraction curves into RUN_DIR/plots/."""
-    from seqrl.train.plots import plot_run
+def plot(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="one run directory (runs/<name>), or several to overlay")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="where to write the PNGs; default RUN_DIR/plots, or ./plots for several"),
+    ] = None,
+) -> None:
+    """Draw reward, accuracy, length and clip-fraction curves; several runs are overlaid."""
+    from seqrl.train.plots import plot_run, plot_runs
 
     try:
-        written = plot_run(run_dir)
+        if len(run_dirs) == 1 and out is None:
+            written = plot_run(run_dirs[0])
+        else:
+            written = plot_runs(run_dirs, out or Path("plots"))
     except (FileNotFoundError, ValueError) as err:  # no run there, a corrupt metrics line
         _fail(str(err))
     for path in written:
@@ -290,30 +415,46 @@ def eval_(
         str, typer.Argument(help="builtin:NAME, a run's final/ dir or any HF model dir")
     ],
     data: Annotated[
-        Path | None, typer.Option(help="a .jsonl/.csv/.parquet file (or saved datasets dir)")
+        str | None,
+        typer.Option(help="a .jsonl/.csv/.parquet file, a datasets directory or a Hub dataset id"),
     ] = None,
     task: Annotated[
         str | None, typer.Option(help="a built-in task instead of --data (its held-out split)")
     ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="a run config (e.g. RUN/config.yaml): its held-out problems, columns, "
+            "template, chat and reward, exactly as training evaluated them"
+        ),
+    ] = None,
     k: Annotated[int, typer.Option(min=1, help="samples per item (avg@k, pass@k, cons@k)")] = 16,
     limit: Annotated[
-        int | None,
-        typer.Option(min=1, help="evaluate the first N items only (all of them if fewer)"),
+        int | None, typer.Option(min=1, help="evaluate the first N items only")
     ] = None,
     column: Annotated[
         list[str] | None, typer.Option(help="column mapping FIELD=NAME, e.g. prompt=question")
     ] = None,
-    reward: Annotated[str, typer.Option(help="math | code | exact (with --data)")] = "math",
+    reward: Annotated[
+        str, typer.Option(help="math | code | exact | module:function (with --data)")
+    ] = "math",
     template: Annotated[str, typer.Option(help="prompt template with {prompt}")] = "{prompt}",
     chat: Annotated[
         bool, typer.Option(help="wrap prompts in the tokenizer's chat template")
     ] = False,
+    split: Annotated[
+        str | None, typer.Option(help="the split of a dataset with several (default: test)")
+    ] = None,
+    group_by: Annotated[
+        str | None, typer.Option(help="a column: accuracies per value of it, e.g. kind")
+    ] = None,
     temperature: Annotated[float, typer.Option()] = 1.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
     max_new_tokens: Annotated[int | None, typer.Option(help="default: the task's budget")] = None,
     batch_items: Annotated[int, typer.Option(help="items per generate call")] = 16,
     out: Annotated[Path | None, typer.Option(help="per-item results (JSONL)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1)] = None,
     on_error: Annotated[
         str, typer.Option(help="a malformed or too long row of --data: raise | skip (and count)")
     ] = "raise",
@@ -322,34 +463,40 @@ def eval_(
         typer.Option(min=1, help="longest prompt; default: the model's context − the budget"),
     ] = None,
 ) -> None:
-    """avg@k, unbiased pass@k and cons@k with 95% bootstrap intervals, per-item JSONL.
+    """Greedy accuracy, and avg@k, unbiased pass@k and cons@k over k samples, with 95% bootstrap
+    intervals; per-item JSONL (the prompt exactly as the model saw it).
 
     Every prompt must leave room for --max-new-tokens in the model's context (or fit in
     --max-prompt-tokens); a longer one is an error naming its file and row (or, with
     --on-error skip, is left out and counted).
     """
-    import dataclasses
-    import json
-
-    import torch
     from rich.progress import Progress
 
-    from seqrl.evaluation import evaluate_samples
-    from seqrl.models import chat_prompts, load_policy
-    from seqrl.rollout import HFSampler
+    from seqrl.config import ConfigError, load_config
+    from seqrl.evaluation import check_group_by, evaluate_policy
+    from seqrl.models import load_policy
     from seqrl.tasks import get_task
     from seqrl.tasks.files import DataError
     from seqrl.tasks.filetask import FileTask
-    from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
+    from seqrl.tasks.prompts import rendered
     from seqrl.tasks.sandbox import SandboxUnavailableError
 
-    if (data is None) == (task is None):
-        _fail("give exactly one of --data FILE or --task NAME")
+    if sum(x is not None for x in (data, task, config)) != 1:
+        _fail("give exactly one of --data FILE, --task NAME or --config RUN_CONFIG")
     if on_error not in ("raise", "skip"):
         _fail(f"--on-error must be raise or skip, got {on_error!r}")
+    _threads(threads)
     err_console = Console(stderr=True, markup=False, highlight=False)
     try:
-        if data is not None:
+        policy, tokenizer = load_policy(model)
+        if config is not None:  # the run's own data path, prompt-length checks included
+            from seqrl.train.builders import build_task_data
+
+            cfg = load_config(config)
+            the_task, _, items = build_task_data(cfg, tokenizer, policy)
+            group_by = group_by or cfg.task.group_by
+            max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
+        elif data is not None:
             columns = dict(c.split("=", 1) for c in column or [])
             the_task = FileTask(
                 test=data,
@@ -358,48 +505,23 @@ def eval_(
                 prompt_template=template,
                 max_new_tokens=max_new_tokens or 256,
                 on_error=on_error,
+                test_split=split,
             )
-            items = the_task.examples("test")  # all usable rows; --limit applies after checks
+            items = rendered(tokenizer, the_task.examples("test"), chat=chat)  # --limit: later
         else:
             the_task = get_task(task)
-            items = the_task.examples("test", min(limit or 200, the_task.max_examples("test")))
-        policy, tokenizer = load_policy(model)
-    except (ValueError, DataError, FileNotFoundError, SandboxUnavailableError) as err:
-        _fail(str(err).replace("pass on_error='skip'", "pass --on-error skip"))
-    prompts = [e.prompt for e in items]
-    if chat:
-        try:
-            prompts = chat_prompts(tokenizer, prompts)
-        except ValueError as err:
-            _fail(f"{model}: {err}")
-    budget = max_new_tokens or the_task.max_new_tokens
-    max_prompt, why = prompt_limit(
-        max_prompt_tokens,
-        context_length(policy),
-        max_new_tokens=budget,
-        setting_name="--max-prompt-tokens",
-    )
-    if max_prompt is not None:
-        shown = [dataclasses.replace(e, prompt=p) for e, p in zip(items, prompts, strict=True)]
-        try:
-            kept, problems = check_prompt_lengths(
-                shown,
-                tokenizer,
-                max_prompt,
-                why=why,
-                split="test",
-                on_error=on_error if data is not None else "raise",
-                fix="shorten or drop the row, or pass --on-error skip to leave such rows out"
-                if data is not None
-                else "lower --max-new-tokens",
-            )
-        except DataError as err:
-            _fail(str(err))
-        if problems:
-            err_console.print(f"note: {len(problems)} too long rows skipped; first: {problems[0]}")
-        fits = {id(e) for e in kept}
-        items = [e for e, s in zip(items, shown, strict=True) if id(s) in fits]
-        prompts = [s.prompt for s in shown if id(s) in fits]
+            n = min(limit or 200, the_task.max_examples("test"))
+            items = rendered(tokenizer, the_task.examples("test", n), chat=chat)
+        if group_by:
+            check_group_by(items, group_by)  # a misspelt column fails before any sampling
+        if config is None:
+            items = _fitting_prompts(
+                items, policy, tokenizer, the_task, max_new_tokens, max_prompt_tokens,
+                on_error if data is not None else "raise", err_console,
+            )  # fmt: skip
+    except (ValueError, DataError, FileNotFoundError, ConfigError, SandboxUnavailableError) as err:
+        message = str(err).replace("pass on_error='skip'", "pass --on-error skip")
+        _fail(f"{model}: {message}" if "chat template" in message else message)
     if data is not None and the_task.reports["test"].skipped:
         r = the_task.reports["test"]
         err_console.print(f"note: {r.skipped} malformed rows skipped; first: {r.first_problems[0]}")
@@ -407,41 +529,67 @@ def eval_(
         err_console.print(
             f"note: --limit {limit} is more than the {len(items)} items: all are used"
         )
-    items, prompts = items[:limit], prompts[:limit]
+    items = items[:limit]
     if not items:
         _fail("no item left to evaluate")
-    torch.manual_seed(seed)
-    sampler = HFSampler(
-        policy,
-        tokenizer,
-        max_new_tokens=max_new_tokens or the_task.max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-    )
-    completions: list[list[str]] = []
     with Progress(console=Console(stderr=True)) as progress:
         bar = progress.add_task("sampling", total=len(items))
-        for s in range(0, len(items), batch_items):
-            batch = sampler.generate(prompts[s : s + batch_items], group_size=k)
-            texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-            completions += [texts[i : i + k] for i in range(0, len(texts), k)]
-            progress.advance(bar, len(texts) // k)
-    ks = sorted({1, k} | {x for x in (4, 8, 16, 32) if x < k})
-    records, summary = evaluate_samples(the_task, items, completions, ks=ks)
+        records, summary = evaluate_policy(
+            policy,
+            tokenizer,
+            the_task,
+            items,
+            k=k,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_items=batch_items,
+            seed=seed,
+            group_by=group_by,
+            on_batch=lambda n: progress.advance(bar, n),
+        )
     if out is not None:
         with out.open("w") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
-    table = Table(title=f"{model}: {len(items)} items × {k} samples")
+    table = Table(title=f"{model}: {len(items)} items × {k} samples (+ greedy)")
     for col in ("metric", "value", "95% CI"):
         table.add_column(col)
     for key, value in summary.items():
         if not key.endswith(("_ci_low", "_ci_high")):
-            ci = f"[{summary[key + '_ci_low']:.3f}, {summary[key + '_ci_high']:.3f}]"
+            low, high = summary.get(key + "_ci_low"), summary.get(key + "_ci_high")
+            ci = f"[{low:.3f}, {high:.3f}]" if low is not None else ""
             table.add_row(key, f"{value:.3f}", ci)
     Console().print(table)
     if out is not None:
         Console().print(f"per-item results: {out}")
+
+
+def _fitting_prompts(
+    items, policy, tokenizer, task, max_new_tokens, max_prompt_tokens, on_error, console
+):
+    """The items whose prompt leaves room for the generation budget (``seqrl eval``)."""
+    from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
+
+    limit, why = prompt_limit(
+        max_prompt_tokens,
+        context_length(policy),
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
+        setting_name="--max-prompt-tokens",
+    )
+    if limit is None:
+        return items
+    fix = (
+        "shorten or drop the row, or pass --on-error skip to leave such rows out"
+        if on_error != "raise" or getattr(task, "reports", None)
+        else "lower --max-new-tokens"
+    )
+    kept, problems = check_prompt_lengths(
+        items, tokenizer, limit, why=why, split="test", on_error=on_error, fix=fix
+    )
+    if problems:
+        console.print(f"note: {len(problems)} too long rows skipped; first: {problems[0]}")
+    return kept
 
 
 diagnose_app = typer.Typer(help="Diagnostics of a finished run.", no_args_is_help=True)
@@ -457,9 +605,12 @@ def tail_effect(
     out: Annotated[
         Path | None, typer.Option(help="PNG path; default RUN_DIR/plots/tail_effect.png")
     ] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1)] = None,
 ) -> None:
     """Plot the token critic's V(s_t) along correct vs incorrect responses (SPPO §2.10)."""
     from seqrl.train.diagnose import tail_effect as run_tail_effect
+
+    _threads(threads)
 
     try:
         r = run_tail_effect(run_dir, prompts=prompts, samples=samples, seed=seed, out=out)

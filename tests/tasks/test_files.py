@@ -142,3 +142,90 @@ def test_each_example_records_its_file_and_row(tmp_path):
     )
     examples, _ = load_examples(path, on_error="skip")
     assert [e.source for e in examples] == [f"{path}, row 1", f"{path}, row 4"]
+
+
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": "Which word comes first? owl fox"},
+            {"role": "assistant", "content": "owl"},
+        ],
+        "kind": "first",
+    },
+    {
+        "messages": [{"role": "user", "content": "Which is larger? 3 7"}],
+        "answer": 7,
+        "reasoning": "7 > 3, so: 7",
+    },
+]
+
+
+def test_chat_rows_keep_their_turns_and_the_reply_is_answer_and_demonstration(tmp_path):
+    examples, _ = load_examples(_write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS))
+    first, second = examples
+    assert first.prompt == "Which word comes first? owl fox"  # the last user turn
+    assert [t["role"] for t in first.meta["messages"]] == ["system", "user"]  # reply removed
+    assert first.answer == "owl" and first.meta["completion"] == "owl"
+    assert first.meta["kind"] == "first"
+    assert second.answer == "7" and "completion" not in second.meta
+    # a column mapping names the demonstration (and the chat) like any other field
+    mapped, _ = load_examples(
+        _write_jsonl(tmp_path / "c2.jsonl", CHAT_ROWS[1:]), columns={"completion": "reasoning"}
+    )
+    assert mapped[0].meta["completion"] == "7 > 3, so: 7" and mapped[0].answer == "7"
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([], "must be a non-empty list"),
+        ([{"role": "user"}], r"turn 0: expected \{'role'"),
+        ([{"role": "robot", "content": "hi"}], "role must be one of system, user"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
+            "end with a user",
+        ),
+    ],
+)
+def test_malformed_chat_rows_name_the_turn(tmp_path, messages, expected):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": messages, "answer": "x"}])
+    with pytest.raises(DataError, match=rf"row 1: .*{expected}"):
+        load_examples(path)
+
+
+def test_saved_dataset_dict_splits_and_a_folder_of_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": [{"q": "1+1=", "a": "2"}] * 3, "test": [{"q": "2+2=", "a": "4"}]}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
+    dd.save_to_disk(tmp_path / "dd")
+    columns = {"prompt": "q", "answer": "a"}
+    with pytest.raises(DataError, match=r"holds the splits \['test', 'train'\].*task.train_split"):
+        load_examples(tmp_path / "dd", columns=columns)
+    test, _ = load_examples(tmp_path / "dd", columns=columns, split="test")
+    assert [e.prompt for e in test] == ["2+2="]
+    train, _ = load_examples(tmp_path / "dd", columns=columns, default_split="train")
+    assert len(train) == 3
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_examples(tmp_path / "dd", columns=columns, split="validation")
+    # data files laid out as a Hub dataset repository holds them (what `hf download` writes)
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    _write_jsonl(tmp_path / "repo" / "data" / "train.jsonl", rows["train"])
+    _write_jsonl(tmp_path / "repo" / "data" / "test.jsonl", rows["test"])
+    test, _ = load_examples(tmp_path / "repo", columns=columns, default_split="test")
+    assert [e.answer for e in test] == ["4"]
+
+
+def test_a_hub_dataset_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # offline, as HF_HUB_OFFLINE=1 makes it (read at import, so set where the libraries read it)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # empty
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"'someone/no-such-data'.*Hub dataset failed.*--local-dir"):
+        load_examples("someone/no-such-data")
+    with pytest.raises(DataError, match="does not exist"):  # a missing file is not a Hub id
+        load_examples("data/train.jsonl")

@@ -50,3 +50,18 @@ def test_micro_batch_metrics_are_means_except_extremes():
     assert got["policy/ratio_min"] == pytest.approx(0.7)
     assert got["policy/ratio_mean"] == pytest.approx(3.0)
     assert reduce_sums(acc.sums(), SINGLE) == pytest.approx(got)
+
+
+def test_several_runs_overlay_in_one_plot_per_panel(tmp_path):
+    from seqrl.train.plots import plot_runs
+
+    for name, reward in (("gspo", 0.5), ("grpo", 0.25)):
+        logger = RunLogger(tmp_path / name, tensorboard=False)
+        (tmp_path / name).mkdir()
+        logger.log(0, {"eval/greedy_acc": reward, "eval/greedy_acc/first": reward})
+        logger.log(1, {"reward/mean": reward})
+    written = plot_runs([tmp_path / "gspo", tmp_path / "grpo"], tmp_path / "compare")
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy.png", "accuracy_by_group.png", "reward.png"]
+    with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl"):
+        plot_runs([tmp_path / "gspo", tmp_path], tmp_path / "x")

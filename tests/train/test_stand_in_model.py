@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqrl.models import load_policy
-from seqrl.models.pretrained import ARCHITECTURES, train_tokenizer, write_stand_in
+from seqrl.models.pretrained import ARCHITECTURES, SIZES, train_tokenizer, write_stand_in
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "examples" / "data" / "gsm8k_toy.jsonl"
@@ -25,6 +25,19 @@ def test_the_trained_tokenizer_is_byte_level_bpe_and_loses_no_text():
     assert tok.decode(ids) == sample  # every byte is in the vocabulary
     assert len(ids) < len(sample.encode())  # merges learnt from the corpus
     assert "Ġmarbles" in tok.get_vocab()
+
+
+def test_stand_in_sizes_and_shapes(tmp_path):
+    out = write_stand_in(
+        tmp_path / "small",
+        TEXTS,
+        **dict(zip(("hidden_size", "layers", "heads"), SIZES["small"], strict=True)),
+    )
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 4, 4)
+    assert config.intermediate_size == 4 * 128
+    with pytest.raises(ValueError, match="multiple of the heads"):
+        write_stand_in(tmp_path / "bad", TEXTS, hidden_size=100, heads=8)
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))

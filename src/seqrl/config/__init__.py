@@ -11,16 +11,17 @@ Modules, each importing only those above it (checks names RunConfig in annotatio
     layers     YAML, packaged presets and overrides, merged into one mapping (before validation)
     checks     rules across sections (errors) and validate_warnings
     schema     the section models and RunConfig
-    loading    load_config and config_from_dict
+    loading    load_config, config_from_dict, and resume_config (what --resume may change)
 """
 
 from seqrl.config.checks import validate_warnings
 from seqrl.config.layers import DEFAULT_PRESET, list_presets, parse_override
-from seqrl.config.loading import config_from_dict, load_config
+from seqrl.config.loading import RESUME_SAFE_KEYS, config_from_dict, load_config, resume_config
 from seqrl.config.messages import CONFIG_ALIASES, ConfigError
 from seqrl.config.schema import (
     AlgoConfig,
     CriticConfig,
+    HubConfig,
     LogConfig,
     LossOverrides,
     MismatchConfig,
@@ -37,9 +38,11 @@ from seqrl.config.schema import (
 __all__ = [
     "CONFIG_ALIASES",
     "DEFAULT_PRESET",
+    "RESUME_SAFE_KEYS",
     "AlgoConfig",
     "ConfigError",
     "CriticConfig",
+    "HubConfig",
     "LogConfig",
     "LossOverrides",
     "MismatchConfig",
@@ -55,5 +58,6 @@ __all__ = [
     "list_presets",
     "load_config",
     "parse_override",
+    "resume_config",
     "validate_warnings",
 ]

@@ -34,10 +34,15 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"not {cfg.algo.name!r}; set algo.fipo_preset=null"
         ]
     problems = _loss_problems(cfg) + _shaping_problems(cfg) + _critic_problems(cfg)
-    if cfg.task.name == "file" and not (cfg.task.train_file and cfg.task.test_file):
+    if cfg.task.name != "file" and ":" in cfg.task.reward:
         problems.append(
-            "task.name='file' needs task.train_file and task.test_file (the held-out problems "
-            "for evaluation; they may be the same file if you have no separate split)"
+            f"task.reward={cfg.task.reward!r} applies to task.name='file' (your data); the "
+            f"built-in task {cfg.task.name!r} scores with its own exact verifier"
+        )
+    if cfg.task.name == "file" and not cfg.task.train_file:
+        problems.append(
+            "task.name='file' needs task.train_file (and task.test_file for the held-out "
+            "problems, or a tenth of the train file is held out)"
         )
     if cfg.rollout.engine == "vllm" and cfg.device == "cpu":
         problems.append(
@@ -294,6 +299,11 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
         out.append(
             "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
             "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
+        )
+    if ":" in cfg.task.reward and any(t.fn == "format" for t in cfg.reward.terms):
+        out.append(
+            f"reward.terms has 'format' but the verifier is your function {cfg.task.reward!r}, "
+            "which parses no answer: the format term is always 0"
         )
     return out
 

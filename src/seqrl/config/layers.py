@@ -217,7 +217,17 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted key such as 'train.steps'")
     if not raw:
         raise ConfigError(f"override {text!r} has no value; write '{key}=null' for null")
-    return path, parse_yaml(raw, f"override {text!r}")
+    try:
+        return path, parse_yaml(raw, f"override {text!r}")
+    except ConfigError as err:
+        raise ConfigError(f"{err.problems[0]}; {QUOTE_HINT.format(key=key)}") from None
+
+
+QUOTE_HINT = (
+    "a value is read as YAML, so text with {{ }}, [ ], ': ' or ' #' needs quotes inside the "
+    """shell's: --set '{key}="..."'"""
+)
+"""What to do when an override's value is not the YAML the user meant (a template, a colon)."""
 
 
 def _apply_override(data: dict, path: tuple[str, ...], value: Any, text: str) -> None:

@@ -88,6 +88,11 @@ def describe(
     else:
         message = f"{dotted}: {_strip(error['msg'])}; got {_short(value)}"
     origin = _source_of(loc, sources)
+    if kind == "string_type" and isinstance(value, (dict, list)) and "override" in (origin or ""):
+        message += (  # e.g. --set task.prompt_template=Q: {prompt} parses as a mapping
+            f"; YAML read the value as {kind_of(value)}: quote it, "
+            f"""--set '{dotted}="..."'"""
+        )
     return f"{message} ({origin})" if origin else message
 
 

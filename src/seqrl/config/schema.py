@@ -72,6 +72,22 @@ class ColumnsConfig(_Section):
     prompt: str | None = None
     answer: str | None = None
     tests: str | None = None
+    messages: str | None = None  # a chat: [{role, content}, ...] instead of a prompt
+    completion: str | None = None  # the demonstration for seqrl sft (default: the answer)
+
+
+BUILTIN_VERIFIERS = ("math", "code", "exact")
+
+
+def _check_reward_name(value: str) -> str:
+    """A built-in verifier, or a function as 'module:function' (or a registered callable)."""
+    module, sep, attr = value.partition(":")
+    if value in BUILTIN_VERIFIERS or (sep and module and attr):
+        return value
+    raise ValueError(
+        f"must be one of {', '.join(BUILTIN_VERIFIERS)} or your own function as "
+        f"'module:function' (e.g. 'my_rewards:score'); got {value!r}{_closest(value, BUILTIN_VERIFIERS)}"
+    )
 
 
 class TaskConfig(_Section):
@@ -81,11 +97,16 @@ class TaskConfig(_Section):
     seed: int = 1234
     train_size: int = Field(20000, ge=1)  # at most; a file task uses all its rows if fewer
     eval_size: int = Field(200, ge=1)
-    # name=file: problems from data files (seqrl.tasks.files), scored by a named verifier
-    train_file: str | None = None  # .jsonl / .csv / .parquet / saved datasets dir
-    test_file: str | None = None  # the held-out problems for evaluation
+    # name=file: problems from data files (seqrl.tasks.files), scored by a verifier
+    # .jsonl / .csv / .parquet, a datasets directory, or a Hugging Face Hub dataset id (org/name)
+    train_file: str | None = None
+    test_file: str | None = None  # the held-out problems; None = a tenth of train_file, by hash
+    train_split: str | None = None  # the split of a dataset with several; None = "train"
+    test_split: str | None = None  # None = "test"
+    subset: str | None = None  # a Hub dataset's config name (e.g. "main" for openai/gsm8k)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
-    reward: Literal["math", "code", "exact"] = "math"
+    # math | code | exact, or your function as "module:function" (f(completion, example) -> float)
+    reward: str = "math"
     answer_mode: Literal["auto", "boxed", "gsm8k", "last_number", "final_line"] = "auto"
     prompt_template: str = "{prompt}"
     chat_template: bool = False  # wrap each prompt as a user turn in the tokenizer's chat template
@@ -93,9 +114,16 @@ class TaskConfig(_Section):
     # the most tokens a prompt may have (a longer one is a malformed row); None = the model's
     # context (max_position_embeddings) minus the generation budget
     max_prompt_tokens: int | None = Field(None, ge=1)
+    group_by: str | None = None  # a column: held-out accuracy per value (eval/greedy_acc/<value>)
 
-    def build(self):
-        """The task this section describes (built-in, or :class:`seqrl.tasks.filetask.FileTask`)."""
+    @field_validator("reward")
+    @classmethod
+    def _reward_name(cls, value: str) -> str:
+        return _check_reward_name(value)
+
+    def build(self, *, reward_timeout_s: float | None = None):
+        """The task this section describes (built-in, or :class:`seqrl.tasks.filetask.FileTask`);
+        ``reward_timeout_s`` bounds each call of a user's reward function."""
         from seqrl.tasks import get_task
 
         if self.name == "file":
@@ -109,6 +137,11 @@ class TaskConfig(_Section):
                 answer_mode=self.answer_mode,
                 prompt_template=self.prompt_template,
                 on_error=self.on_error,
+                train_split=self.train_split,
+                test_split=self.test_split,
+                subset=self.subset,
+                hold_out=True,
+                reward_timeout_s=reward_timeout_s,
             )
         kwargs = {"digits": self.digits, "seed": self.seed}
         if self.name == "scratchpad":
@@ -329,7 +362,24 @@ class MoEConfig(_Section):
 
 
 class LogConfig(_Section):
+    """Where metrics go besides metrics.jsonl (each backend logs every metric of every step)."""
+
     tensorboard: Literal["auto", True, False] = "auto"  # auto = if installed
+    # Weights & Biases (pip install 'seqrl[wandb]'); WANDB_MODE=offline logs to files only
+    wandb: bool = False
+    wandb_project: str = "seqrl"
+    wandb_entity: str | None = None  # None = your default entity
+    # MLflow (pip install 'seqrl[mlflow]'): tracking URI None = MLFLOW_TRACKING_URI, else ./mlruns
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "seqrl"
+
+
+class HubConfig(_Section):
+    """Push ``final/`` to the Hugging Face Hub when the run ends (token: HF_TOKEN or `hf auth login`)."""
+
+    repo_id: str | None = None  # "user/name"; None = no push
+    private: bool = True  # visibility of the repository when seqrl creates it
 
 
 class RunConfig(_Section):
@@ -340,6 +390,7 @@ class RunConfig(_Section):
     output_dir: str = "runs"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = seqrl.threads' default
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -350,6 +401,7 @@ class RunConfig(_Section):
     critic: CriticConfig = Field(default_factory=CriticConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

@@ -33,11 +33,20 @@ CHATML_TEMPLATE = (
 """The ChatML template many instruction-tuned models (e.g. Qwen) use."""
 
 ARCHITECTURES = {
-    # model_type → config fields for a ~0.5M-parameter model (vocabulary excluded)
-    "llama": {"intermediate_size": 256, "num_key_value_heads": 2},
-    "qwen2": {"intermediate_size": 256, "num_key_value_heads": 2},
-    "mistral": {"intermediate_size": 256, "num_key_value_heads": 2, "sliding_window": None},
+    # model_type → config fields besides the size (the MLP is 4 × hidden wide)
+    "llama": {"num_key_value_heads": 2},
+    "qwen2": {"num_key_value_heads": 2},
+    "mistral": {"num_key_value_heads": 2, "sliding_window": None},
 }
+
+SIZES = {
+    # name → (hidden size, layers, attention heads); besides the embeddings "tiny" has ~0.12M
+    # parameters, "small" ~1.0M, "base" ~5.7M
+    "tiny": (64, 2, 4),
+    "small": (128, 4, 4),
+    "base": (256, 6, 8),
+}
+"""``seqrl make-model --size``: the stand-in's shape; --hidden / --layers / --heads override it."""
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -76,10 +85,20 @@ def write_stand_in(
     heads: int = 4,
     seed: int = 0,
 ) -> Path:
-    """Train a tokenizer on ``texts``, build a random ``architecture`` model, ``save_pretrained``."""
+    """Train a tokenizer on ``texts``, build a random ``architecture`` model, ``save_pretrained``.
+
+    The MLP is ``4 × hidden_size`` wide; ``hidden_size`` must be a multiple of ``heads`` and
+    ``heads`` of the 2 key-value heads.
+    """
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {architecture!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if min(hidden_size, layers, heads) < 1 or hidden_size % heads or heads % 2:
+        raise ValueError(
+            f"hidden size {hidden_size}, {layers} layers and {heads} heads do not make a model: "
+            "the hidden size must be a multiple of the heads, and the heads an even number "
+            "(there are 2 key-value heads)"
         )
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     config = AutoConfig.for_model(
@@ -88,6 +107,7 @@ def write_stand_in(
         hidden_size=hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
+        intermediate_size=4 * hidden_size,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,

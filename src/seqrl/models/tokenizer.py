@@ -65,10 +65,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """Each prompt as one user turn in the tokenizer's chat template, generation prompt added.
+def chat_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
+    """Each prompt in the tokenizer's chat template, generation prompt added.
 
-    Raises ValueError when the tokenizer has no chat template.
+    A prompt is a string (one user turn) or a list of ``{"role", "content"}`` turns ending with
+    a user turn. Raises ValueError when the tokenizer has no chat template.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -77,7 +78,9 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
         )
     return [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for p in prompts
     ]

@@ -12,7 +12,10 @@ Each term is named by ``fn`` in the config's ``reward.terms`` list:
   rewards answering in a form the verifier can check, right or wrong;
 - ``"package.module:function"``: any importable function ``f(completion: str, example) -> float``
   (``example`` is a :class:`seqrl.tasks.base.Example` with ``prompt``, ``answer`` and ``meta``,
-  the row's other columns).
+  the row's other columns). The ``seqrl`` command imports modules from the working directory,
+  as ``python -m`` does; from Python, a function itself may be given (:func:`function_spec`).
+
+The same functions can be a file task's verifier (``task.reward: "my_rewards:score"``).
 
 What a term may return: a real number (int, float, a numpy scalar or a 0-d torch tensor; not a
 bool, not a string) with ``|value| ≤`` :data:`MAX_ABS_REWARD`. Anything else stops the run with
@@ -117,8 +120,50 @@ def format_reward(task) -> RewardFn:
     return fmt
 
 
+CALLABLE_PREFIX = "callable:"
+"""Spec prefix of a function handed over from Python that cannot be imported by name."""
+
+_CALLABLES: dict[str, RewardFn] = {}
+
+
+def function_spec(fn: RewardFn | str) -> str:
+    """The config string for the reward function ``fn`` (a string is returned as it is).
+
+    ``"module:qualname"`` when that name imports back to ``fn``, so a run's config.yaml can load
+    it again (``seqrl train --resume``); otherwise (a lambda, a closure, a function defined in the
+    script being run) ``"callable:<name>"``, which this process alone can resolve.
+    """
+    if isinstance(fn, str):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"a reward function must be callable or 'module:function', got {fn!r}")
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+    if module and module != "__main__" and "<" not in qualname:
+        spec = f"{module}:{qualname}"
+        try:
+            if load_function(spec) is fn:
+                return spec
+        except ValueError:
+            pass
+    spec, n = f"{CALLABLE_PREFIX}{qualname}", 1
+    while _CALLABLES.get(spec, fn) is not fn:  # another function of the same name
+        n += 1
+        spec = f"{CALLABLE_PREFIX}{qualname}#{n}"
+    _CALLABLES[spec] = fn
+    return spec
+
+
 def load_function(spec: str) -> RewardFn:
     """The callable named by ``"package.module:function"`` (ValueError saying what is wrong)."""
+    if spec.startswith(CALLABLE_PREFIX):
+        if spec not in _CALLABLES:
+            raise ValueError(
+                f"reward function {spec!r} was a Python function handed to another process's "
+                "seqrl API; pass it again (reward=...), or define it in a module and name it "
+                "'module:function' so that a config (and --resume) can import it"
+            )
+        return _CALLABLES[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(
@@ -129,8 +174,8 @@ def load_function(spec: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
-            f"reward function {spec!r}: cannot import module {module_name!r} ({err}); "
-            "is it installed or on PYTHONPATH?"
+            f"reward function {spec!r}: cannot import module {module_name!r} ({err}); is it "
+            "installed, or a .py file in the working directory (or on PYTHONPATH)?"
         ) from None
     fn = module
     for part in attr.split("."):
@@ -140,6 +185,25 @@ def load_function(spec: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
     return fn
+
+
+def checked_value(label: str, fn: RewardFn, completion: str, example) -> float:
+    """``fn(completion, example)`` as a usable reward (:func:`reward_value`), or
+    :class:`RewardFunctionError` naming the function (``label``) and the prompt when it raises
+    or returns something else: a run stops rather than train on a wrong reward."""
+    try:
+        value = fn(completion, example)
+    except Exception as err:
+        raise RewardFunctionError(
+            f"{label} failed on the prompt {example.prompt[:80]!r}: "
+            f"{type(err).__name__}: {err}{_signal_hint(err)}"
+        ) from err
+    try:
+        return reward_value(value)
+    except ValueError as bad:
+        raise RewardFunctionError(
+            f"{label} failed on the prompt {example.prompt[:80]!r}: {bad}"
+        ) from None
 
 
 def resolve_terms(

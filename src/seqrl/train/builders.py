@@ -17,7 +17,8 @@ import torch
 
 from seqrl.config import OptimConfig, RunConfig
 from seqrl.core import PolicyLossConfig
-from seqrl.models import chat_prompts, load_policy
+from seqrl.evaluation import check_group_by
+from seqrl.models import load_policy
 from seqrl.models.critic import build_critic as build_critic_model
 from seqrl.models.load import enable_gradient_checkpointing
 from seqrl.models.lora import AdaptersOff, apply_lora
@@ -25,6 +26,7 @@ from seqrl.models.moe import is_moe
 from seqrl.rollout import FastSampler, HFSampler, Sampler
 from seqrl.tasks.files import DataError
 from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_limit
+from seqrl.tasks.prompts import rendered
 from seqrl.tasks.rewards import resolve_terms
 from seqrl.train import dist as dist_lib
 from seqrl.train.critic import Critic, CriticSettings
@@ -223,18 +225,21 @@ def build_sampler(
 
 
 def build_task_data(cfg: RunConfig, tokenizer, model=None):
-    """(task, train examples, eval examples): prompts as the policy sees them (chat template).
+    """(task, train examples, eval examples): prompts as the policy sees them (template, chat;
+    :mod:`seqrl.tasks.prompts`, the same for ``seqrl sft`` and ``seqrl eval``).
 
     Every prompt must fit in ``task.max_prompt_tokens`` tokens, by default the model's context
     minus the generation budget (:mod:`seqrl.tasks.lengths`; no check without either). A longer
     prompt is a :class:`~seqrl.tasks.files.DataError` naming its file and row, or with
     ``task.on_error=skip`` (data files) is left out and counted in the task's ``reports``.
     """
-    task = cfg.task.build()
+    task = cfg.task.build(reward_timeout_s=cfg.reward.timeout_s)
     train = task.examples("train", min(cfg.task.train_size, task.max_examples("train")))
     test = task.examples("test", min(cfg.task.eval_size, task.max_examples("test")))
-    if cfg.task.chat_template:  # the prompts the policy sees; verification is unchanged
-        train, test = _in_chat(tokenizer, train), _in_chat(tokenizer, test)
+    if cfg.task.group_by:  # a misspelt column fails here, not at the first evaluation
+        check_group_by(test, cfg.task.group_by)
+    chat = cfg.task.chat_template  # the prompts the policy sees; verification is unchanged
+    train, test = rendered(tokenizer, train, chat=chat), rendered(tokenizer, test, chat=chat)
     context = context_length(model)
     if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
         context = min(context or cfg.rollout.vllm.max_model_len, cfg.rollout.vllm.max_model_len)
@@ -279,10 +284,31 @@ def data_notes(task) -> list[str]:
     ]
 
 
-def _in_chat(tokenizer, examples: list) -> list:
-    """``examples`` with each prompt wrapped as a user turn of the tokenizer's chat template."""
-    prompts = chat_prompts(tokenizer, [e.prompt for e in examples])
-    return [dataclasses.replace(e, prompt=p) for e, p in zip(examples, prompts, strict=True)]
+# ------------------------------------------------------------------ logging
+
+
+def build_trackers(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> list:
+    """The ``log.wandb`` / ``log.mlflow`` trackers of rank 0 (:mod:`seqrl.train.metrics`)."""
+    from seqrl.config import ConfigError
+    from seqrl.train.metrics import TrackerError, open_trackers
+
+    log = cfg.log
+    if not dist.is_main or not (log.wandb or log.mlflow):
+        return []
+    wandb = {"project": log.wandb_project, "entity": log.wandb_entity} if log.wandb else None
+    mlflow = None
+    if log.mlflow:
+        mlflow = {"tracking_uri": log.mlflow_tracking_uri, "experiment": log.mlflow_experiment}
+    try:
+        return open_trackers(
+            run_dir,
+            name=run_dir.name,
+            config=cfg.model_dump(mode="json"),
+            wandb=wandb,
+            mlflow=mlflow,
+        )
+    except TrackerError as err:
+        raise ConfigError(str(err)) from None
 
 
 # ------------------------------------------------------------------ settings

@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics.jsonl: ``seqrl plot RUN_DIR`` → RUN_DIR/plots/*.png."""
+"""PNG plots of a run's metrics.jsonl: ``seqrl plot RUN_DIR`` → RUN_DIR/plots/*.png, and several
+runs overlaid (``seqrl plot RUN RUN ... --out DIR``), one colour per run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from seqrl.train.metrics import metric_series, read_metrics
 PANELS = {
     "reward": ("reward", ["reward/mean"]),
     "accuracy": ("held-out accuracy", ["eval/greedy_acc", "eval/sampled_acc"]),
+    "accuracy_by_group": ("held-out greedy accuracy per group", ["eval/greedy_acc/*"]),
     "length": (
         "response length (tokens)",
         [
@@ -134,6 +136,55 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
     calibration = plot_calibration(run_dir)
     return written + ([calibration] if calibration else [])
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Overlay several runs: one PNG per panel that any run has data for, in ``out_dir``.
+
+    Each run has its own colour and the legend names it (its directory name; the parent's too
+    when two runs share a name); each metric of a panel has its own line style.
+    """
+    runs = [Path(r) for r in run_dirs]
+    for run in runs:
+        if not (run / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"{run} has no metrics.jsonl: is it a seqrl run directory?")
+    names = [r.name for r in runs]
+    names = [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
+    records = [read_metrics(r) for r in runs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    written = []
+    for panel, (title, keys) in PANELS.items():
+        lines = []
+        for i, recs in enumerate(records):
+            present = [k for k in _expand(recs, keys) if metric_series(recs, k)[0]]
+            lines += [(i, j, key) for j, key in enumerate(present)]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, j, key in lines:
+            steps, values = metric_series(records[i], key)
+            marker = "o" if key.startswith("eval/") else None
+            ax.plot(
+                steps,
+                values,
+                color=colours[i % len(colours)],
+                linestyle=styles[j % len(styles)],
+                marker=marker,
+                markersize=3,
+                label=f"{names[i]}: {key}",
+            )
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / f"{panel}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
 
 
 def plot_calibration(run_dir: str | Path) -> Path | None:

@@ -6,7 +6,8 @@
     generation batch k ≥ 2: ``gen_batch_prompts`` more prompts from the side stream
         … until P groups are kept (extra ones are cut) or ``max_gen_batches`` batches were
         generated (then the step trains on the groups it has, and logs that it fell short)
-    → rewards: 1 if correct else ``incorrect``, plus the soft overlong penalty (DAPO Eq. 13)
+    → rewards: the verifier's score if correct (> 0) else ``incorrect``, plus the soft overlong
+      penalty (DAPO Eq. 13); the built-in verifiers score 1 or 0
     → overlong filtering: truncated responses leave the loss (their mask is switched off)
 
 The side stream of step s is a seeded permutation of the training set keyed by (seed, s), so
@@ -61,6 +62,7 @@ class StepRollout:
     metrics: dict[str, float]  # over every response generated in the step, + sampling/*
     terms: Tensor | None = None  # [n_terms, P'·G] weighted extra reward terms
     greedy_rewards: Tensor | None = None  # [P'] ReMax's baseline: the greedy responses' rewards
+    scores: Tensor | None = None  # [P'·G] the verifier's values (correct = score > 0)
 
 
 def stream_seed(*parts: int) -> int:
@@ -134,13 +136,13 @@ class PromptOrder:
 
 
 def score_rollout(tokenizer, task, batch: RolloutBatch, examples: list) -> tuple[list[str], Tensor]:
-    """Decode the responses and score each against its prompt's example: (texts, rewards [B]).
+    """Decode the responses and score each against its prompt's example: (texts, scores [B]).
 
     ``examples`` has one entry per prompt; row i of the batch belongs to examples[i // G].
     """
     texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
     grouped = [e for e in examples for _ in range(batch.group_size)]
-    return texts, torch.tensor(task.score_batch(texts, grouped))
+    return texts, torch.tensor(task.score_batch(texts, grouped), dtype=torch.float64)
 
 
 def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
@@ -150,15 +152,22 @@ def side_stream(n_examples: int, *, seed: int, step: int) -> Tensor:
 
 
 def shaped_rewards(
-    correct: Tensor, lengths: Tensor, s: SamplingSettings, terms: Tensor | None = None
+    correct: Tensor,
+    lengths: Tensor,
+    s: SamplingSettings,
+    terms: Tensor | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
-    """1 if correct else ``incorrect_reward``, + the extra terms, + DAPO's soft overlong penalty.
+    """The verifier's score if correct else ``incorrect_reward``, + the extra terms, + DAPO's
+    soft overlong penalty.
 
-    ``correct`` and ``lengths`` are [B]; ``terms`` is [n_terms, B] of weighted term values (see
-    :func:`extra_terms`). Computed in float64, returned in the default dtype.
+    ``correct``, ``lengths`` and ``scores`` (the verifier's values; None = 1 wherever correct,
+    which is what the built-in verifiers score) are [B]; ``terms`` is [n_terms, B] of weighted
+    term values (see :func:`extra_terms`). Computed in float64, returned in the default dtype.
     """
     one = torch.ones((), dtype=torch.float64)
-    rewards = torch.where(correct, one, one * s.incorrect_reward)  # [B]
+    score = one if scores is None else scores.to(torch.float64)
+    rewards = torch.where(correct, score, one * s.incorrect_reward)  # [B]
     if terms is not None and terms.numel():
         rewards = rewards + terms.sum(0)
     if s.overlong_buffer is not None:
@@ -182,7 +191,7 @@ def greedy_baseline(sampler, tokenizer, task, examples: list, s: SamplingSetting
     greedy = sampler.generate([e.prompt for e in examples], group_size=1, greedy=True)
     texts, scores = score_rollout(tokenizer, task, greedy, examples)
     terms = extra_terms(texts, examples, 1, s)
-    return shaped_rewards(scores > 0, greedy.lengths, s, terms)
+    return shaped_rewards(scores > 0, greedy.lengths, s, terms, scores)
 
 
 def point_biserial(x: Tensor, y: Tensor) -> float:
@@ -236,14 +245,16 @@ def rollout_metrics(
     all_truncated: Tensor,
     s: SamplingSettings,
     all_terms: Tensor | None = None,
+    all_scores: Tensor | None = None,
 ) -> dict[str, float]:
     """reward/*, train/accuracy, train/truncated_frac, response_len/* over every response [n].
 
-    ``all_terms`` [n_terms, n] are the weighted extra reward terms (None: no terms).
+    ``all_terms`` [n_terms, n] are the weighted extra reward terms (None: no terms);
+    ``all_scores`` [n] the verifier's values (None: 1 wherever correct).
     """
     if all_terms is None:
         all_terms = torch.zeros(len(s.reward_terms), len(all_correct), dtype=torch.float64)
-    all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms)
+    all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms, all_scores)
     metrics = {
         "reward/mean": all_rewards.mean().item(),
         "reward/std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
@@ -255,7 +266,12 @@ def rollout_metrics(
     }
     if s.overlong_buffer is not None:
         metrics["reward/overlong_penalty_mean"] = (
-            (all_rewards - shaped_rewards(all_correct, torch.zeros_like(all_lengths), s, all_terms))
+            (
+                all_rewards
+                - shaped_rewards(
+                    all_correct, torch.zeros_like(all_lengths), s, all_terms, all_scores
+                )
+            )
             .mean()
             .item()
         )
@@ -273,6 +289,7 @@ class ScoredGroups:
     texts: list[str]  # [b]
     correct: Tensor  # [b] bool
     terms: Tensor  # [n_terms, b] weighted extra reward terms
+    scores: Tensor  # [b] the verifier's values (correct = score > 0)
 
     def select(self, take: Tensor) -> ScoredGroups:
         """The groups where ``take`` [n] is True."""
@@ -283,6 +300,7 @@ class ScoredGroups:
             [t for t, r in zip(self.texts, rows.tolist(), strict=True) if r],
             self.correct[rows],
             self.terms[:, rows],
+            self.scores[rows],
         )
 
 
@@ -294,7 +312,7 @@ def generate_scored(
     batch = sampler.generate([e.prompt for e in examples], group_size=s.group_size, **kwargs)
     texts, scores = score_rollout(tokenizer, task, batch, examples)
     terms = extra_terms(texts, examples, batch.group_size, s)  # [n_terms, b]
-    return ScoredGroups(examples, batch, texts, scores > 0, terms)
+    return ScoredGroups(examples, batch, texts, scores > 0, terms, scores)
 
 
 def collect_rollout(
@@ -362,7 +380,8 @@ def _step_rollout(
     batch = concat_rollouts([part.batch for part in kept], pad_token_id)
     correct = torch.cat([part.correct for part in kept])
     terms = torch.cat([part.terms for part in kept], dim=1)
-    rewards = shaped_rewards(correct, batch.lengths, s, terms)  # [P'·G]
+    scores = torch.cat([part.scores for part in kept])
+    rewards = shaped_rewards(correct, batch.lengths, s, terms, scores)  # [P'·G]
 
     metrics = rollout_metrics(
         torch.cat([part.correct for part in seen]),
@@ -370,6 +389,7 @@ def _step_rollout(
         torch.cat([part.batch.truncated for part in seen]),
         s,
         torch.cat([part.terms for part in seen], dim=1),
+        torch.cat([part.scores for part in seen]),
     )
     if s.dynamic:
         metrics |= {
@@ -385,4 +405,4 @@ def _step_rollout(
         batch = dataclasses.replace(
             batch, response_mask=C.overlong_filter_mask(batch.response_mask, batch.truncated)
         )
-    return StepRollout(examples, batch, texts, rewards, correct, metrics, terms)
+    return StepRollout(examples, batch, texts, rewards, correct, metrics, terms, scores=scores)

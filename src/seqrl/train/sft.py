@@ -1,7 +1,8 @@
 """Supervised warm start: teach a model the task's answer format so that RL starts from a policy
 that is sometimes right (RL from a policy that never succeeds has nothing to reinforce).
 
-Cross-entropy on the completion tokens only (prompt tokens are context), EOS appended.
+Cross-entropy on the completion tokens only (prompt tokens are context), EOS appended: the
+layout of :mod:`seqrl.tasks.prompts`, exactly what the rollout samples after the same prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 
+from seqrl.evaluation import group_means
 from seqrl.models import save_policy
 from seqrl.rollout import HFSampler
 from seqrl.train.sampling import score_rollout
@@ -34,7 +36,11 @@ class SFTSettings:
 
 
 def encode_sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels (−100 on prompt and padding): [b, L]."""
+    """Right-padded input_ids / attention_mask / labels (−100 on prompt and padding): [b, L].
+
+    Each row is ``tokenizer(prompt) + tokenizer(target) + [EOS]``, no special tokens added by the
+    tokenizer: the prompt tokens are those the rollout feeds the policy (``encode_prompts``).
+    """
     rows = []
     for prompt, target in zip(prompts, targets, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -64,26 +70,56 @@ def sft_targets(task, examples, rng: random.Random, slip_rate: float = 0.0) -> l
 
 
 @torch.no_grad()
-def greedy_accuracy(
+def greedy_scores(
     model, tokenizer, task, examples, *, max_new_tokens: int, chunk: int = 256
-) -> float:
+) -> torch.Tensor:
+    """The verifier's score of each example's greedy response, [len(examples)] float64."""
     sampler = HFSampler(model, tokenizer, max_new_tokens=max_new_tokens)
-    hits = 0
+    scores = [torch.zeros(0, dtype=torch.float64)]
     for s in range(0, len(examples), chunk):
         part = examples[s : s + chunk]
         batch = sampler.generate([e.prompt for e in part], group_size=1, greedy=True)
-        hits += score_rollout(tokenizer, task, batch, part)[1].sum().item()
-    return hits / max(1, len(examples))
+        scores.append(score_rollout(tokenizer, task, batch, part)[1])
+    return torch.cat(scores)
+
+
+def greedy_accuracy(
+    model, tokenizer, task, examples, *, max_new_tokens: int, chunk: int = 256
+) -> float:
+    """The mean of :func:`greedy_scores` (0 for no examples)."""
+    scores = greedy_scores(
+        model, tokenizer, task, examples, max_new_tokens=max_new_tokens, chunk=chunk
+    )
+    return scores.sum().item() / max(1, len(examples))
 
 
 def run_sft(
-    model, tokenizer, task, settings: SFTSettings, *, out_dir=None, console: Console | None = None
+    model,
+    tokenizer,
+    task,
+    settings: SFTSettings,
+    *,
+    out_dir=None,
+    console: Console | None = None,
+    train_examples: list | None = None,
+    eval_examples: list | None = None,
+    max_new_tokens: int | None = None,
+    group_by: str | None = None,
 ) -> dict:
-    """Train ``model`` in place; save it (and the tokenizer) to ``out_dir`` if given."""
+    """Train ``model`` in place; save it (and the tokenizer) to ``out_dir`` if given.
+
+    The examples default to the task's train split and the first ``settings.eval_size`` of its
+    test split; give them to train on prompts as the policy sees them (``build_task_data``).
+    Held-out greedy accuracy is measured before and after (per ``group_by`` value too).
+    Returns ``{"loss", "greedy_acc_start", "greedy_acc", "seconds"}`` (+ ``"greedy_acc/<v>"``).
+    """
     console = console or Console()
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    train = task.examples("train", min(settings.train_size, task.max_examples("train")))
+    if train_examples is not None:
+        train = list(train_examples)
+    else:
+        train = task.examples("train", min(settings.train_size, task.max_examples("train")))
     if not 0.0 <= settings.teacher_slip_rate <= 1.0:
         raise ValueError(f"teacher_slip_rate must be in [0, 1], got {settings.teacher_slip_rate}")
     if settings.teacher_slip_rate and all(task.slip_target(e) is None for e in train[:1000]):
@@ -91,7 +127,34 @@ def run_sft(
             f"task {task.name!r} defines no teacher slip (Task.slip_target), so "
             "teacher_slip_rate has nothing to inject; leave it at 0"
         )
-    held_out = task.examples("test", settings.eval_size)
+    if eval_examples is not None:
+        held_out = list(eval_examples)
+    else:
+        held_out = task.examples("test", settings.eval_size)
+    if settings.batch_size > len(train):
+        raise ValueError(
+            f"batch_size {settings.batch_size} is larger than the {len(train)} training "
+            f"problems; use --batch-size {len(train)} or less"
+        )
+    budget = max_new_tokens or task.max_new_tokens
+
+    def held_out_accuracy(when: str) -> dict[str, float]:
+        scores = greedy_scores(model, tokenizer, task, held_out, max_new_tokens=budget)
+        acc = {"greedy_acc": scores.mean().item() if len(held_out) else float("nan")}
+        if group_by:
+            acc |= {
+                f"greedy_acc/{k}": v for k, v in group_means(scores, held_out, group_by).items()
+            }
+        console.print(
+            f"held-out greedy accuracy {when} SFT: {acc['greedy_acc']:.3f} "
+            f"({len(held_out)} problems)"
+        )
+        if group_by:
+            groups = "  ".join(f"{k[11:]} {v:.3f}" for k, v in acc.items() if "/" in k)
+            console.print(f"  by {group_by}: {groups}")
+        return acc
+
+    start_acc = held_out_accuracy("before")
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -118,9 +181,37 @@ def run_sft(
                 f"sft step {step + 1}/{settings.steps}  loss {loss.item():.4f}  "
                 f"{time.perf_counter() - start:.0f}s"
             )
-    acc = greedy_accuracy(model, tokenizer, task, held_out, max_new_tokens=task.max_new_tokens)
-    console.print(f"held-out greedy accuracy after SFT: {acc:.3f} ({len(held_out)} problems)")
+    end_acc = held_out_accuracy("after")
     if out_dir is not None:
         save_policy(model, tokenizer, out_dir)
         console.print(f"saved to {out_dir}")
-    return {"loss": loss.item(), "greedy_acc": acc, "seconds": time.perf_counter() - start}
+    return {
+        "loss": loss.item(),
+        "greedy_acc_start": start_acc["greedy_acc"],
+        **end_acc,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def sft_from_config(
+    cfg, settings: SFTSettings, *, out_dir=None, console: Console | None = None
+) -> dict:
+    """:func:`run_sft` of ``cfg.model.policy`` on ``cfg.task``'s problems, the prompts rendered
+    as the RL run of the same config renders them (``build_task_data``): ``seqrl sft CONFIG``."""
+    from seqrl.models import load_policy
+    from seqrl.train.builders import build_task_data
+
+    policy, tokenizer = load_policy(cfg.model.policy)
+    task, train, test = build_task_data(cfg, tokenizer)
+    return run_sft(
+        policy,
+        tokenizer,
+        task,
+        settings,
+        out_dir=out_dir,
+        console=console,
+        train_examples=train,
+        eval_examples=test,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        group_by=cfg.task.group_by,
+    )

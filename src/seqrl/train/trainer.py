@@ -19,6 +19,7 @@ import signal
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,9 +32,9 @@ from rich.text import Text
 from torch import Tensor
 
 import seqrl.core as C
-from seqrl.config import RunConfig, load_config
+from seqrl.config import ConfigError, RunConfig, resume_config
 from seqrl.config.schema import default_run_name
-from seqrl.evaluation import evaluate_samples
+from seqrl.evaluation import evaluate_samples, group_means
 from seqrl.models import save_policy
 from seqrl.models.critic import save_critic
 from seqrl.models.load import checkpointing_active
@@ -377,7 +378,8 @@ class Trainer:
                 for t in (rollout.correct, rollout.batch.lengths, rollout.batch.truncated)
             ]
             terms = dist_lib.gather_cat(rollout.terms.T, self.dist).T  # [n_terms, all rows]
-            metrics |= rollout_metrics(*gathered, self.sampling_settings, terms)
+            scores = dist_lib.gather_cat(rollout.scores, self.dist)
+            metrics |= rollout_metrics(*gathered, self.sampling_settings, terms, scores)
         metrics = reduce_metrics(metrics, self.dist)
         metrics["throughput/tokens_per_s"] *= self.dist.world_size  # all ranks' tokens
         return metrics
@@ -421,10 +423,14 @@ class Trainer:
             local = torch.cat(parts) if parts else torch.zeros(0)
             return dist_lib.gather_cat(local.double(), self.dist)
 
+        greedy_scores = gathered(greedy_hits)  # [eval examples], in their order
         out = {
-            "eval/greedy_acc": gathered(greedy_hits).mean().item(),
+            "eval/greedy_acc": greedy_scores.mean().item(),
             "eval/greedy_len_mean": gathered(lengths).mean().item(),
         }
+        if self.cfg.task.group_by:  # eval/greedy_acc/<value of the column>
+            groups = group_means(greedy_scores.tolist(), self.eval_examples, self.cfg.task.group_by)
+            out |= {f"eval/greedy_acc/{name}": acc for name, acc in groups.items()}
         if k:
             records = dist_lib.gather_list(records, self.dist)  # in eval-example order
             for key in (f"avg@{k}", f"pass@{k}", f"cons@{k}"):
@@ -490,7 +496,10 @@ class Trainer:
                     (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             with self._writing("the TensorBoard log"):
                 self.logger = RunLogger(
-                    self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
+                    self.run_dir,
+                    enabled=self.dist.is_main,
+                    tensorboard=cfg.log.tensorboard,
+                    trackers=B.build_trackers(cfg, self.run_dir, self.dist),  # wandb, MLflow
                 )
             with StopRequest(self._on_stop_signal, repeats_exit=not self.dist.active) as stop:
                 if fresh:
@@ -675,13 +684,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and resume
     @classmethod
-    def resume(cls, run_dir: Path, **kwargs) -> Trainer:
-        """Continue the run in ``run_dir`` from its newest complete checkpoint."""
+    def resume(cls, run_dir: Path, overrides: Sequence[str] = (), **kwargs) -> Trainer:
+        """Continue the run in ``run_dir`` from its newest complete checkpoint.
+
+        ``overrides`` may change what :data:`seqrl.config.RESUME_SAFE_KEYS` lists (e.g.
+        ``train.steps=400`` to extend a finished run); config.yaml is updated with them.
+        """
         run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a seqrl run directory?")
-        trainer = cls(load_config(str(config_path)), run_dir=run_dir, _resuming=True, **kwargs)
+        cfg = resume_config(run_dir, overrides)
+        trainer = cls(cfg, run_dir=run_dir, _resuming=True, **kwargs)
         latest = ckpt.load_latest(run_dir / "checkpoints")
         if latest is None:
             trainer.close()
@@ -691,9 +703,16 @@ class Trainer:
             )
         try:
             trainer._restore(latest)
+            if cfg.train.steps < trainer.state.step:
+                raise ConfigError(
+                    f"train.steps={cfg.train.steps} is below the step the run has reached "
+                    f"({trainer.state.step}); a resume can only go on"
+                )
         except BaseException:
             trainer.close()
             raise
+        if overrides and trainer.dist.is_main:
+            config_path.write_text(cfg.to_yaml())
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
