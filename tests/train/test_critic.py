@@ -377,3 +377,14 @@ def test_tail_effect_command_writes_its_png(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "preset=ppo" in bad.stderr
+
+
+def test_a_critic_run_without_sampled_evaluation_trains_and_logs_no_calibration(fast_overrides):
+    cfg = load_config(
+        None,
+        [*fast_overrides, "preset=sppo", "model.policy=builtin:nano", "train.eval_samples=0",
+         "train.steps=1", "rollout.prompts_per_step=4", "rollout.group_size=1"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()  # the step-0 and final evaluations are greedy only: nothing to calibrate
+    assert not (trainer.run_dir / "calibration.jsonl").exists()

@@ -104,7 +104,9 @@ def test_the_users_function_is_the_reward_of_the_rl_step(project):
     metrics = trainer.train_step(1)
     assert metrics["reward/mean"] == pytest.approx(0.5)  # graded: its value, not 1
     assert metrics["train/accuracy"] == 1.0  # a positive value counts as right
-    zero = Trainer(_cfg(project, "task.reward=own_data_rewards:zero", "reward.incorrect=-1"))
+    zero = Trainer(
+        _cfg(project, "task.reward=own_data_rewards:zero", "reward.incorrect=-1", "name=zero")
+    )
     assert zero.train_step(1)["reward/mean"] == pytest.approx(-1.0)
 
 
@@ -121,7 +123,7 @@ def test_chat_rows_train_and_evaluate_per_kind(project):
         groups = (r["eval/greedy_acc/first"] + r["eval/greedy_acc/last"]) / 2
         assert r["eval/greedy_acc"] == pytest.approx(groups)
     with pytest.raises(ValueError, match=r"no example has a column 'knid'.*'kind'"):
-        Trainer(_cfg(project, "task.group_by=knid"), progress=False)
+        Trainer(_cfg(project, "task.group_by=knid", "name=knid"), progress=False)
 
 
 def test_sft_encodes_each_prompt_exactly_as_the_rollout_does(project):

@@ -55,4 +55,4 @@ def with_template(example: Example, template: str) -> Example:
         turns = [dict(t) for t in meta["messages"]]
         turns[-1]["content"] = template.format(prompt=turns[-1]["content"])
         meta = {**meta, "messages": turns}
-    return Example(template.format(prompt=example.prompt), example.answer, meta)
+    return dataclasses.replace(example, prompt=template.format(prompt=example.prompt), meta=meta)

@@ -476,7 +476,8 @@ class Trainer:
             with self._writing("the metrics log"):
                 self.logger.log(step, metrics)
                 if self.critic is not None and self.dist.is_main:
-                    critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
+                    if self.cfg.train.eval_samples:  # calibration needs the k samples' pass rates
+                        critic_lib.log_calibration(self.run_dir, step, self._calibration_rows)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
