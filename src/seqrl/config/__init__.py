@@ -21,6 +21,8 @@ from seqrl.config.messages import CONFIG_ALIASES, ConfigError
 from seqrl.config.schema import (
     AlgoConfig,
     CriticConfig,
+    DistConfig,
+    FSDPConfig,
     LogConfig,
     LossOverrides,
     MismatchConfig,
@@ -40,6 +42,8 @@ __all__ = [
     "AlgoConfig",
     "ConfigError",
     "CriticConfig",
+    "DistConfig",
+    "FSDPConfig",
     "LogConfig",
     "LossOverrides",
     "MismatchConfig",
