@@ -25,6 +25,7 @@ from seqrl.models.moe import is_moe
 from seqrl.rollout import FastSampler, HFSampler, Sampler
 from seqrl.tasks.rewards import resolve_terms
 from seqrl.train import dist as dist_lib
+from seqrl.train import sharding
 from seqrl.train.critic import Critic, CriticSettings
 from seqrl.train.dist import DistInfo
 from seqrl.train.routing import RolloutRouting
@@ -120,11 +121,14 @@ def add_lora(cfg: RunConfig, policy, reference, loss: PolicyLossConfig, dist: Di
     return policy, reference
 
 
-def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: DistInfo):
+def build_critic(
+    cfg: RunConfig, policy, tokenizer, device: torch.device, dist: DistInfo, mesh=None
+):
     """The run's critic (None for ``critic.kind: none``): model, AdamW and LR schedule.
 
     The critic is float32 (its BCE/MSE targets are probabilities and returns, and it is small
-    next to the policy in every preset); it starts equal on every rank.
+    next to the policy in every preset); it starts equal on every rank. With a device ``mesh``
+    (``dist.strategy: fsdp``) it is sharded before its optimiser is made.
     """
     c = cfg.critic
     if c.kind == "none":
@@ -140,6 +144,9 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
             task_type="TOKEN_CLS",
             modules_to_save=["score"],
         )
+    dist_lib.broadcast_module(model, dist)
+    if mesh is not None:
+        model = sharding.shard_model(model, mesh, shard_settings(cfg))
     optimizer = build_optimizer(model, cfg.optim, lr=c.lr, weight_decay=c.weight_decay)
     scheduler = build_scheduler(
         optimizer, c.schedule, c.lr_warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
@@ -156,8 +163,38 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
         lam=c.lam,
         whiten=c.whiten,
     )
-    dist_lib.broadcast_module(model, dist)
     return Critic(model, optimizer, scheduler, settings, dist)
+
+
+def shard_settings(cfg: RunConfig) -> sharding.ShardSettings:
+    f = cfg.dist.fsdp
+    return sharding.ShardSettings(
+        param_dtype=f.param_dtype,
+        reduce_dtype=f.reduce_dtype,
+        cpu_offload=f.cpu_offload,
+        reshard_after_forward=f.reshard_after_forward,
+    )
+
+
+def build_mesh(cfg: RunConfig, device: torch.device):
+    """The device mesh FSDP shards over (``dist.strategy: fsdp``); None for ``replicate``."""
+    return sharding.device_mesh(device) if cfg.dist.strategy == "fsdp" else None
+
+
+def shard_policy(cfg: RunConfig, policy, reference, mesh):
+    """(policy, reference) sharded with FSDP2 over ``mesh`` (unchanged when ``mesh`` is None).
+
+    Called after LoRA is added (the adapters are sharded with their layers) and before the
+    policy's optimiser is made (it must hold the sharded parameters). A reference that is the
+    policy with its adapters off shares the policy's shards.
+    """
+    if mesh is None:
+        return policy, reference
+    settings = shard_settings(cfg)
+    policy = sharding.shard_model(policy, mesh, settings)
+    if isinstance(reference, torch.nn.Module):
+        reference = sharding.shard_model(reference, mesh, settings)
+    return policy, reference
 
 
 def build_routing(cfg: RunConfig, policy) -> RolloutRouting | None:
@@ -190,7 +227,11 @@ def build_sampler(
     common = dict(max_new_tokens=max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     if r.engine in ("hf", "fast"):
         sampler_cls = FastSampler if r.engine == "fast" else HFSampler
-        return sampler_cls(policy, tokenizer, **common)
+        sampler = sampler_cls(policy, tokenizer, **common)
+        if sharding.is_sharded(policy):  # generate on the gathered weights
+            reshard = cfg.dist.fsdp.reshard_after_forward
+            return sharding.GatheredSampler(sampler, policy, device, reshard)
+        return sampler
     from seqrl.rollout.vllm import VLLMSampler
 
     if device.type != "cuda":
@@ -206,11 +247,19 @@ def build_sampler(
         gpu_memory_utilization=v.gpu_memory_utilization,
         max_model_len=v.max_model_len,
         enforce_eager=v.enforce_eager,
-        dtype=v.dtype,
+        dtype=_vllm_dtype(cfg),
         seed=cfg.seed,
         world_size=dist.world_size,
         **common,
     )
+
+
+def _vllm_dtype(cfg: RunConfig) -> str:
+    """``rollout.vllm.dtype``; ``auto`` under FSDP mixed precision is the compute dtype."""
+    dtype, param_dtype = cfg.rollout.vllm.dtype, cfg.dist.fsdp.param_dtype
+    if dtype == "auto" and cfg.dist.strategy == "fsdp" and param_dtype is not None:
+        return param_dtype
+    return dtype
 
 
 def build_task_data(cfg: RunConfig, tokenizer):

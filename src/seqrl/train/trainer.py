@@ -35,6 +35,7 @@ from seqrl.train import builders as B
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train import dist as dist_lib
+from seqrl.train import sharding
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
@@ -85,10 +86,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         loss = cfg.resolved_loss()
+        self.mesh = B.build_mesh(cfg, self.device)  # dist.strategy=fsdp: the mesh it shards over
         self.model, self.tokenizer = B.build_policy(cfg, self.device, self.dist)
         self.ref_model = B.build_reference(cfg, self.model, loss, self.device)
-        self.critic = B.build_critic(cfg, self.model, self.tokenizer, self.device, self.dist)
+        self.critic = B.build_critic(
+            cfg, self.model, self.tokenizer, self.device, self.dist, self.mesh
+        )
         self.model, self.ref_model = B.add_lora(cfg, self.model, self.ref_model, loss, self.dist)
+        self.model, self.ref_model = B.shard_policy(cfg, self.model, self.ref_model, self.mesh)
         self.task, self.train_examples, self.eval_examples = B.build_task_data(cfg, self.tokenizer)
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         self.sampler = B.build_sampler(
@@ -505,12 +510,23 @@ class Trainer:
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
-        c.load_weights(self.model)
-        self.optimizer.load_state_dict(c.state["optimizer"])
+        if c.sharded != (self.mesh is not None):
+            saved = "fsdp" if c.sharded else "replicate"
+            raise ValueError(
+                f"checkpoint {c.path} was written with dist.strategy={saved}, but this run uses "
+                f"dist.strategy={self.cfg.dist.strategy}; resume with the strategy it was saved with"
+            )
+        if c.sharded:  # every process reads its slice, whatever the number of processes
+            ckpt.load_sharded_state(c.path, self._sharded_modules())
+            if self.critic is not None:
+                self.critic.scheduler.load_state_dict(c.state["critic"]["scheduler"])
+        else:
+            c.load_weights(self.model)
+            self.optimizer.load_state_dict(c.state["optimizer"])
+            if self.critic is not None:
+                self.critic.load_state_dict(c.state["critic"])
         self.scheduler.load_state_dict(c.state["scheduler"])
         self.state = TrainState(**c.state["trainer"])
-        if self.critic is not None:
-            self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
         if self.dist.is_main:  # rank 0 owns the logs
@@ -520,6 +536,9 @@ class Trainer:
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
     def _save(self) -> None:
+        if self.mesh is not None:
+            self._save_sharded()
+            return
         if not self.dist.is_main:
             return
         state = {
@@ -538,13 +557,45 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
         )
 
+    def _sharded_modules(self) -> dict:
+        """The FSDP-sharded (model, optimizer) pairs a sharded checkpoint holds."""
+        out = {"policy": (self.model, self.optimizer)}
+        if self.critic is not None:
+            out["critic"] = (self.critic.model, self.critic.optimizer)
+        return out
+
+    def _save_sharded(self) -> None:
+        """``dist.strategy: fsdp``: every process writes its shards (torch.distributed.checkpoint)."""
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": vars(self.state).copy(),
+            "rng": ckpt.rng_state(),
+        }
+        if self.critic is not None:
+            state["critic"] = {"scheduler": self.critic.scheduler.state_dict()}
+        ckpt.save_sharded_checkpoint(
+            self.run_dir / "checkpoints",
+            self.state.step,
+            self._sharded_modules(),
+            state,
+            rank=self.dist.rank,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
     def _save_final(self) -> None:
-        """``final/``: the policy (LoRA merged) and the critic in Hugging Face format."""
+        """``final/``: the policy (LoRA merged) and the critic in Hugging Face format.
+
+        Under FSDP the full weights are gathered to rank 0 one tensor at a time.
+        """
+        policy, critic = self.model, None if self.critic is None else self.critic.model
+        if self.mesh is not None:
+            policy = sharding.gather_full_model(policy)
+            critic = critic if critic is None else sharding.gather_full_model(critic)
         if self.dist.is_main:
-            save_policy(self.model, self.tokenizer, self.run_dir / "final")
-            if self.critic is not None:
+            save_policy(policy, self.tokenizer, self.run_dir / "final")
+            if critic is not None:
                 critic_dir = self.run_dir / "final" / "critic"
-                save_critic(merged(self.critic.model), self.tokenizer, critic_dir)
+                save_critic(merged(critic), self.tokenizer, critic_dir)
         dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
 
 
