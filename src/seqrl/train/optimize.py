@@ -26,7 +26,7 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.core import LossOutput
 from seqrl.train import sharding
-from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank
+from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank, gather_cat
 from seqrl.train.metrics import MetricAccumulator
 
 # (micro-batch rows [b], minibatch total_tokens, minibatch total_sequences) → the rows' loss share
@@ -44,15 +44,16 @@ class PassSettings:
 
 
 def minibatch_rows(
-    order: Tensor, num_minibatches: int, local_rows: int, dist: DistInfo
+    order: Tensor, num_minibatches: int, local_rows: int, dist: DistInfo, first: int | None = None
 ) -> list[Tensor]:
     """This rank's local row indices of each minibatch of a global permutation ``order``.
 
-    Rank r holds global rows [r·b, (r + 1)·b), b = ``local_rows``; minibatch m is the m-th
-    equal chunk of ``order`` over all ranks, exactly as one process holding every row splits
-    it. On one process this is ``order.chunk(num_minibatches)``.
+    Rank r holds global rows [lo, lo + b), b = ``local_rows``, lo = ``first`` (default r·b:
+    every rank holds b rows); minibatch m is the m-th equal chunk of ``order`` over all ranks,
+    exactly as one process holding every row splits it. On one process this is
+    ``order.chunk(num_minibatches)``.
     """
-    lo = dist.rank * local_rows
+    lo = dist.rank * local_rows if first is None else first
     out = []
     for minibatch in order.chunk(num_minibatches):
         mine = (minibatch >= lo) & (minibatch < lo + local_rows)
@@ -108,10 +109,12 @@ def optimizer_pass(
     """
     B = mask.shape[0]
     sharded = sharding.has_sharded_params(params)
+    rows = gather_cat(torch.tensor([B]), dist).tolist()  # every rank's row count (may differ)
     acc, skipped = MetricAccumulator(), 0
     for _ in range(settings.ppo_epochs):
-        order = torch.randperm(B * dist.world_size, generator=generator)
-        for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist):
+        order = torch.randperm(sum(rows), generator=generator)
+        first = sum(rows[: dist.rank])
+        for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist, first):
             finite = _accumulate(
                 params, loss_fn, minibatch, mask, settings, dist, summed, acc, pad, sharded
             )

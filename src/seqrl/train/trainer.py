@@ -39,6 +39,7 @@ from seqrl.train import sharding
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.rebalance import collect_rollout_rebalanced
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
@@ -158,15 +159,31 @@ class Trainer:
 
     def collect(self, step: int) -> StepRollout:
         """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline."""
-        rollout = collect_rollout(
-            self.sampler,
-            self.tokenizer,
-            self.task,
-            self.prompts.step_examples(step),
-            self.prompts.side_examples(step),
-            self.sampling_settings,
-            seeds_for=self.prompts.seeds_for(step),
-        )
+        if self.dist.active and self.sampling_settings.dynamic:  # kept groups rebalanced
+            every = PromptOrder(
+                self.train_examples, prompts_per_step=self.prompts.P, seed=self.cfg.seed
+            )
+            rollout = collect_rollout_rebalanced(
+                self.sampler,
+                self.tokenizer,
+                self.task,
+                every.step_examples(step),
+                every.side_examples(step),
+                self.sampling_settings,
+                every.seeds_for(step),
+                self.dist,
+                self.device,
+            )
+        else:
+            rollout = collect_rollout(
+                self.sampler,
+                self.tokenizer,
+                self.task,
+                self.prompts.step_examples(step),
+                self.prompts.side_examples(step),
+                self.sampling_settings,
+                seeds_for=self.prompts.seeds_for(step),
+            )
         if self.cfg.algo.advantage == "remax" and rollout.examples:
             greedy = greedy_baseline(
                 self.sampler, self.tokenizer, self.task, rollout.examples, self.sampling_settings
@@ -176,7 +193,7 @@ class Trainer:
 
     def advantages(self, step: int, rollout: StepRollout) -> tuple[Tensor, dict[str, float]]:
         """Advantages from the group estimator, or from the critic (which then updates)."""
-        if not rollout.examples:  # dynamic sampling kept no group: nothing to learn from
+        if not dist_lib.any_rank(bool(rollout.examples), self.dist):  # no group kept anywhere
             return rollout.rewards, {}  # [0]
         if self.critic is None:
             a = self.cfg.algo
@@ -232,8 +249,8 @@ class Trainer:
         No update when no group was kept or while the critic warms up (``critic.warmup_steps``).
         """
         warming_up = self.critic is not None and step <= self.cfg.critic.warmup_steps
-        if not batch.response_ids.shape[0] or warming_up:
-            return {}, 0
+        if not dist_lib.any_rank(bool(batch.response_ids.shape[0]), self.dist) or warming_up:
+            return {}, 0  # (a process may hold no row while others do: it still takes part)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         with checkpointing_active(self.model):
             out = update_policy(
@@ -260,8 +277,11 @@ class Trainer:
             self.scheduler.step()
 
     def reduce_step_metrics(self, metrics: dict, rollout: StepRollout) -> dict[str, float]:
-        """Means over ranks; rollout statistics recomputed over every rank's responses."""
-        if self.dist.active:
+        """Means over ranks; rollout statistics recomputed over every rank's responses.
+
+        (With dynamic sampling they already are: every process saw every generation batch.)
+        """
+        if self.dist.active and not self.sampling_settings.dynamic:
             gathered = [
                 dist_lib.gather_cat(t, self.dist)
                 for t in (rollout.correct, rollout.batch.lengths, rollout.batch.truncated)
@@ -600,11 +620,6 @@ class Trainer:
 
 
 def _check_multi_process(cfg: RunConfig, dist: DistInfo) -> None:
-    """What a ``torchrun`` job cannot do (yet); fails before anything is built."""
-    shard_bounds(cfg.rollout.prompts_per_step, dist)  # P must split evenly over the ranks
-    if cfg.rollout.dynamic_sampling:
-        raise ValueError(
-            "rollout.dynamic_sampling runs in one process only for now (the kept groups "
-            "would have to be rebalanced between processes); set "
-            "rollout.dynamic_sampling=false for multi-process runs, or run one process"
-        )
+    """What a ``torchrun`` job cannot do; fails before anything is built."""
+    if not cfg.rollout.dynamic_sampling:  # (dynamic sampling rebalances the kept groups)
+        shard_bounds(cfg.rollout.prompts_per_step, dist)  # P must split evenly over the ranks
