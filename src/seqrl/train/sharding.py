@@ -42,6 +42,7 @@ from torch.distributed.fsdp import (
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
+    register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
 
@@ -109,6 +110,9 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
     parameters a process did not use in a backward contribute zeros, so MoE experts that no
     token of one process reached cannot desynchronise the reduce-scatter.
     """
+    # FSDP warns about any view a sharded module returns (e.g. a critic head's logits), since
+    # an in-place op on it would skip FSDP's backward hook; seqrl never writes into outputs.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     _SKELETONS[model] = _meta_skeleton(model)
     mp = MixedPrecisionPolicy(
         param_dtype=DTYPES.get(settings.param_dtype),
@@ -126,6 +130,8 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
     for layer in layers:
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)
+    if hasattr(model, "generate"):  # a peft model's generate skips its own forward
+        register_fsdp_forward_method(model, "generate")
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)  # a sum over processes, not a mean
         m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
