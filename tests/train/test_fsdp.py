@@ -124,6 +124,8 @@ def test_config_strategy_default_options_and_refusals():
         load_config(None, ["dist.strategy=fsdp", "algo.shared_prefix=true"])
     with pytest.raises(ConfigError, match=r"rollout\.engine=vllm with LoRA"):
         load_config(None, ["dist.strategy=fsdp", "rollout.engine=vllm", "model.lora.r=4"])
+    with pytest.raises(ConfigError, match=r"cpu_offload=false"):
+        load_config(None, ["dist.strategy=fsdp", "dist.fsdp.cpu_offload=true", "device=cpu"])
     with pytest.raises(ConfigError, match=r"did you mean 'dist\.strategy'"):
         load_config(None, ["dist.stratgy=fsdp"])
     (warning,) = validate_warnings(load_config(None, ["dist.fsdp.cpu_offload=true"]))

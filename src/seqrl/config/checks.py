@@ -179,6 +179,11 @@ def _fsdp_problems(cfg: RunConfig) -> list[str]:
             "but under dist.strategy=fsdp every process must run the same forwards: set "
             "algo.shared_prefix=false"
         )
+    if cfg.dist.fsdp.cpu_offload and cfg.device == "cpu":
+        out.append(
+            "dist.fsdp.cpu_offload moves the shards from the GPU to CPU memory, but device='cpu' "
+            "(the shards are in CPU memory already): set dist.fsdp.cpu_offload=false"
+        )
     if cfg.rollout.engine == "vllm" and cfg.model.lora.r:
         out.append(
             "rollout.engine=vllm with LoRA (model.lora.r > 0) is not supported under "

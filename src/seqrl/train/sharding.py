@@ -114,6 +114,11 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
     # an in-place op on it would skip FSDP's backward hook; seqrl never writes into outputs.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     _SKELETONS[model] = _meta_skeleton(model)
+    if settings.cpu_offload and mesh.device_type == "cpu":
+        raise ValueError(
+            "dist.fsdp.cpu_offload moves the shards from the GPU to CPU memory, but this run is "
+            "on the CPU (its shards are in CPU memory already): set dist.fsdp.cpu_offload=false"
+        )
     mp = MixedPrecisionPolicy(
         param_dtype=DTYPES.get(settings.param_dtype),
         reduce_dtype=DTYPES.get(settings.reduce_dtype),
