@@ -84,10 +84,16 @@ def build_scheduler(
 # ------------------------------------------------------------------ models
 
 
+def _home(cfg: RunConfig, device: torch.device) -> torch.device:
+    """Where a model is built: ``device``, or the CPU under FSDP, whose ``fully_shard`` moves
+    each layer to the device as it shards it (the device never holds a whole model)."""
+    return torch.device("cpu") if cfg.dist.strategy == "fsdp" else device
+
+
 def build_policy(cfg: RunConfig, device: torch.device, dist: DistInfo):
     """(policy, tokenizer): ``model.policy`` in ``model.dtype`` on ``device``, equal on all ranks."""
     model, tokenizer = load_policy(cfg.model.policy)
-    model.to(device, DTYPES[cfg.model.dtype])
+    model.to(_home(cfg, device), DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     dist_lib.broadcast_module(model, dist)  # replicas start identical
@@ -103,7 +109,7 @@ def build_reference(cfg: RunConfig, policy, loss: PolicyLossConfig, device: torc
     if not loss.kl_coef or not (cfg.model.reference or not cfg.model.lora.r):
         return None
     if cfg.model.reference:
-        ref = load_policy(cfg.model.reference)[0].to(device, DTYPES[cfg.model.dtype])
+        ref = load_policy(cfg.model.reference)[0].to(_home(cfg, device), DTYPES[cfg.model.dtype])
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
@@ -133,7 +139,7 @@ def build_critic(
     c = cfg.critic
     if c.kind == "none":
         return None
-    model = build_critic_model(c.model, policy, tokenizer, seed=cfg.seed).to(device)
+    model = build_critic_model(c.model, policy, tokenizer, seed=cfg.seed).to(_home(cfg, device))
     if c.lora:  # adapters on the backbone, the fresh value head trained in full
         lora = cfg.model.lora
         model = apply_lora(
