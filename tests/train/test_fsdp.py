@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from seqrl.config import ConfigError, load_config, validate_warnings
@@ -50,7 +51,12 @@ COMMON = [
 # processes hold different numbers of rows of a minibatch (and run padding passes).
 CASES = {
     "grpo": ["preset=grpo", "rollout.prompts_per_step=4", "rollout.group_size=4"],  # + frozen ref
-    "gspo": ["preset=gspo", "rollout.prompts_per_step=4", "rollout.group_size=4"],
+    "gspo": [  # + activation checkpointing (recomputed forwards inside FSDP's backward)
+        "preset=gspo",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "model.gradient_checkpointing=true",
+    ],
     "fipo": [  # + dynamic sampling: 3 kept groups rebalanced as 2 + 1
         "preset=fipo",
         "rollout.prompts_per_step=3",
@@ -179,6 +185,25 @@ def test_one_process_fsdp_equals_replicate_and_skips_a_truncated_shard(tmp_path,
     with pytest.warns(UserWarning, match=r"step-2 is unreadable.*truncated"):
         latest = ckpt.load_latest(root)
     assert latest.step == 1 and latest.sharded
+
+
+def test_mixed_precision_gathers_bfloat16_and_keeps_float32_shards(own_process_group):
+    from seqrl.models import load_policy
+
+    model, tok = load_policy("builtin:nano")
+    settings = sharding.ShardSettings(param_dtype="bfloat16", reduce_dtype="float32")
+    sharding.shard_model(model, sharding.device_mesh(torch.device("cpu")), settings)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = tok(["12+3="], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    model(input_ids=ids).logits.float().sum().backward()
+    opt.step()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values())
+    with sharding.gathered(model):  # what generation computes with
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded again after
 
 
 def test_padding_and_helpers_do_nothing_without_fsdp():
