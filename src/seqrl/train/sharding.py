@@ -12,9 +12,9 @@ and every backward reduce-scatters its gradients: each one is a collective, so *
 must run the same sequence of forwards and backwards**. The loop keeps three rules for that:
 
 1. The optimiser pass and the log-prob and value passes pad a process's shorter share (the
-   minibatches are chunks of one *global* permutation, so shares differ) with zero-weight passes
-   (:class:`Padding`): a forward of one token whose output is multiplied by 0. It adds exactly 0 to every gradient, so
-   the result is the one-process result, up to float rounding.
+   minibatches are chunks of one *global* permutation, so shares differ) with zero-weight
+   passes (:class:`Padding`): a forward of one token whose output is multiplied by 0. It adds
+   exactly 0 to every gradient, so the result is the one-process result, up to float rounding.
 2. Generation (``model.generate`` or the fast sampler, whose lengths differ by process) runs on
    weights gathered once before it and freed after it: no collective inside the decode loop.
 3. Gradients are summed over processes, not averaged (FSDP's default): each micro-batch loss is
@@ -110,15 +110,15 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
     parameters a process did not use in a backward contribute zeros, so MoE experts that no
     token of one process reached cannot desynchronise the reduce-scatter.
     """
-    # FSDP warns about any view a sharded module returns (e.g. a critic head's logits), since
-    # an in-place op on it would skip FSDP's backward hook; seqrl never writes into outputs.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    _SKELETONS[model] = _meta_skeleton(model)
     if settings.cpu_offload and mesh.device_type == "cpu":
         raise ValueError(
             "dist.fsdp.cpu_offload moves the shards from the GPU to CPU memory, but this run is "
             "on the CPU (its shards are in CPU memory already): set dist.fsdp.cpu_offload=false"
         )
+    # FSDP warns about any view a sharded module returns (e.g. a critic head's logits), since
+    # an in-place op on it would skip FSDP's backward hook; seqrl never writes into outputs.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    _SKELETONS[model] = _meta_skeleton(model)
     mp = MixedPrecisionPolicy(
         param_dtype=DTYPES.get(settings.param_dtype),
         reduce_dtype=DTYPES.get(settings.reduce_dtype),
@@ -132,7 +132,7 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
             "sharded as one block, so every forward gathers all its weights at once",
             stacklevel=2,
         )
-    for layer in layers:
+    for layer in reversed(layers):  # inner ones first, should a listed class nest in another
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)
     if hasattr(model, "generate"):  # a peft model's generate skips its own forward
