@@ -91,7 +91,8 @@ def _home(cfg: RunConfig, device: torch.device) -> torch.device:
 
 
 def build_policy(cfg: RunConfig, device: torch.device, dist: DistInfo):
-    """(policy, tokenizer): ``model.policy`` in ``model.dtype`` on ``device``, equal on all ranks."""
+    """(policy, tokenizer): ``model.policy`` in ``model.dtype`` on ``device`` (on the CPU
+    until it is sharded, under FSDP), equal on all ranks."""
     model, tokenizer = load_policy(cfg.model.policy)
     model.to(_home(cfg, device), DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
