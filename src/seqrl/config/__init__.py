@@ -21,6 +21,8 @@ from seqrl.config.messages import CONFIG_ALIASES, ConfigError
 from seqrl.config.schema import (
     AlgoConfig,
     CriticConfig,
+    DistConfig,
+    FSDPConfig,
     HubConfig,
     LogConfig,
     LossOverrides,
@@ -42,6 +44,8 @@ __all__ = [
     "AlgoConfig",
     "ConfigError",
     "CriticConfig",
+    "DistConfig",
+    "FSDPConfig",
     "HubConfig",
     "LogConfig",
     "LossOverrides",

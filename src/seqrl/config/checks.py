@@ -81,6 +81,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "moe.routing_replay cannot be combined with model.gradient_checkpointing (the "
             "recomputed forward would route by itself): turn one of them off"
         )
+    problems += _fsdp_problems(cfg)
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.algo.num_minibatches:
         divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
@@ -212,6 +213,31 @@ def reward_shaping(cfg: RunConfig) -> list[str]:
     return out
 
 
+def _fsdp_problems(cfg: RunConfig) -> list[str]:
+    """What ``dist.strategy: fsdp`` cannot be combined with (yet)."""
+    if cfg.dist.strategy != "fsdp":
+        return []
+    out = []
+    if cfg.algo.shared_prefix:
+        out.append(
+            "algo.shared_prefix runs one or two forwards per micro-batch depending on the data, "
+            "but under dist.strategy=fsdp every process must run the same forwards: set "
+            "algo.shared_prefix=false"
+        )
+    if cfg.dist.fsdp.cpu_offload and cfg.device == "cpu":
+        out.append(
+            "dist.fsdp.cpu_offload moves the shards from the GPU to CPU memory, but device='cpu' "
+            "(the shards are in CPU memory already): set dist.fsdp.cpu_offload=false"
+        )
+    if cfg.rollout.engine == "vllm" and cfg.model.lora.r:
+        out.append(
+            "rollout.engine=vllm with LoRA (model.lora.r > 0) is not supported under "
+            "dist.strategy=fsdp yet (the merged weights would have to be gathered); use "
+            "rollout.engine=hf, or dist.strategy=replicate"
+        )
+    return out
+
+
 def _task_budget(task: TaskConfig) -> int | None:
     """The task's own generation budget, for a hint; None when the task cannot be built."""
     if task.name == "file":
@@ -299,6 +325,21 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
         out.append(
             "rollout.dynamic_sampling with rollout.group_size=1 keeps every group (a single "
             "answer has no spread to filter on); use group_size >= 2 or dynamic_sampling=false"
+        )
+    fsdp = cfg.dist.fsdp
+    changed = [k for k, f in type(fsdp).model_fields.items() if getattr(fsdp, k) != f.default]
+    if cfg.dist.strategy != "fsdp" and changed:
+        keys = ", ".join(f"dist.fsdp.{k}" for k in changed)
+        out.append(
+            f"{keys} {'apply' if len(changed) > 1 else 'applies'} only to dist.strategy=fsdp, "
+            "and the strategy is replicate: set dist.strategy=fsdp to shard the model"
+        )
+    mp = cfg.dist.fsdp.param_dtype
+    if cfg.dist.strategy == "fsdp" and mp == "bfloat16" and cfg.model.dtype == "bfloat16":
+        out.append(
+            "dist.fsdp.param_dtype=bfloat16 with model.dtype=bfloat16 keeps no float32 master "
+            "weights (the sharded weights and AdamW state are bfloat16 too); mixed precision "
+            "means model.dtype=float32 with dist.fsdp.param_dtype=bfloat16"
         )
     if ":" in cfg.task.reward and any(t.fn == "format" for t in cfg.reward.terms):
         out.append(

@@ -361,6 +361,27 @@ class MoEConfig(_Section):
     routing_replay: bool = False
 
 
+class FSDPConfig(_Section):
+    """FSDP2 options (``dist.strategy: fsdp``); see docs/scaling.md."""
+
+    # MixedPrecisionPolicy: the dtype of the gathered weights the forward and backward use
+    # (None = model.dtype, no casting), and of the gradient reduce-scatter (None = param_dtype).
+    # The sharded weights and the AdamW state keep model.dtype (float32 master weights).
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    reduce_dtype: Literal["float32", "bfloat16"] | None = None
+    cpu_offload: bool = False  # CPUOffloadPolicy: sharded weights, grads, AdamW state in CPU RAM
+    reshard_after_forward: bool = True  # False: keep each layer gathered from forward to backward
+
+
+class DistConfig(_Section):
+    """How ``torchrun`` processes share the policy (and critic, and reference)."""
+
+    # replicate = every process holds the whole model, gradients all-reduced (the default);
+    # fsdp = FSDP2 fully_shard per decoder layer: weights, gradients and AdamW state sharded
+    strategy: Literal["replicate", "fsdp"] = "replicate"
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+
+
 class LogConfig(_Section):
     """Where metrics go besides metrics.jsonl (each backend logs every metric of every step)."""
 
@@ -402,6 +423,7 @@ class RunConfig(_Section):
     moe: MoEConfig = Field(default_factory=MoEConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

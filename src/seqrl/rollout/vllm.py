@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from seqrl.rollout.base import RolloutBatch, encode_prompts, response_mask_from_tokens
 from seqrl.rollout.hf import row_seeds
@@ -58,7 +59,9 @@ def hf_weight_items(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
     The names are those ``save_pretrained`` writes (what vLLM's ``load_weights`` expects):
     wrapper prefixes are stripped, and ``lm_head.weight`` is left out when the model ties it
     to the input embedding (as ``save_pretrained`` does). Tensors are detached and cast to
-    ``dtype`` (None keeps theirs).
+    ``dtype`` (None keeps theirs). An FSDP shard (DTensor) is gathered when its item is
+    reached, so a consumer that drops each tensor holds one full tensor at a time; every
+    process must then consume the items in the same order.
     """
     config = getattr(_unwrap(model), "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -69,7 +72,16 @@ def hf_weight_items(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
         if name.endswith("rotary_emb.inv_freq"):  # a buffer computed from the config
             continue
         tensor = tensor.detach()
+        if isinstance(tensor, DTensor):  # dist.strategy=fsdp: all-gather this one tensor
+            tensor = tensor.full_tensor()
         yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """A module ``save_pretrained`` can write: unwrapped, or gathered on every process (FSDP)."""
+    from seqrl.train.sharding import gather_full_model, is_sharded
+
+    return gather_full_model(model, to_all=True) if is_sharded(model) else _unwrap(model)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -107,7 +119,7 @@ class VLLMSampler:
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        init_dir = save_policy(_unwrap(model), tokenizer, Path(work_dir) / "vllm-init")
+        init_dir = save_policy(_plain(model), tokenizer, Path(work_dir) / "vllm-init")
         kwargs = {}
         if world_size > 1:  # one engine per torchrun rank, launched by torchrun itself
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -147,17 +159,26 @@ class VLLMSampler:
         """Push the policy's current weights into the engine (after every optimiser step).
 
         ``model`` defaults to the policy this sampler was built on, LoRA adapters merged in.
+        An FSDP-sharded policy (``dist.strategy: fsdp``) is pushed one full tensor at a time:
+        each is all-gathered, handed to the engine and dropped before the next.
         """
+        from seqrl.train.sharding import is_sharded
+
+        sharded = is_sharded(self.model if model is None else model)
         if model is None:
             from seqrl.models.lora import merged
 
-            model = merged(self.model)
-        items = list(hf_weight_items(model))
+            model = self.model if sharded else merged(self.model)  # (LoRA is refused under FSDP)
         target = self._engine_model()
         if target is not None:
-            target.load_weights(items)
+            items = hf_weight_items(model)  # lazy: one gathered tensor alive at a time
+            target.load_weights(items if sharded else list(items))
         elif hasattr(self.llm, "collective_rpc"):
-            self.llm.collective_rpc(_load_weights_rpc, args=(items,))
+            if sharded:  # one call per tensor, so the whole model is never gathered at once
+                for item in hf_weight_items(model):
+                    self.llm.collective_rpc(_load_weights_rpc, args=([item],))
+            else:
+                self.llm.collective_rpc(_load_weights_rpc, args=(list(hf_weight_items(model)),))
         else:
             raise RuntimeError(
                 "cannot reach the vLLM model to update its weights with this vLLM version; "

@@ -29,6 +29,7 @@ from seqrl.tasks.lengths import check_prompt_lengths, context_length, prompt_lim
 from seqrl.tasks.prompts import rendered
 from seqrl.tasks.rewards import resolve_terms
 from seqrl.train import dist as dist_lib
+from seqrl.train import sharding
 from seqrl.train.critic import Critic, CriticSettings
 from seqrl.train.dist import DistInfo
 from seqrl.train.routing import RolloutRouting
@@ -87,10 +88,17 @@ def build_scheduler(
 # ------------------------------------------------------------------ models
 
 
+def _home(cfg: RunConfig, device: torch.device) -> torch.device:
+    """Where a model is built: ``device``, or the CPU under FSDP, whose ``fully_shard`` moves
+    each layer to the device as it shards it (the device never holds a whole model)."""
+    return torch.device("cpu") if cfg.dist.strategy == "fsdp" else device
+
+
 def build_policy(cfg: RunConfig, device: torch.device, dist: DistInfo):
-    """(policy, tokenizer): ``model.policy`` in ``model.dtype`` on ``device``, equal on all ranks."""
+    """(policy, tokenizer): ``model.policy`` in ``model.dtype`` on ``device`` (on the CPU
+    until it is sharded, under FSDP), equal on all ranks."""
     model, tokenizer = load_policy(cfg.model.policy)
-    model.to(device, DTYPES[cfg.model.dtype])
+    model.to(_home(cfg, device), DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     dist_lib.broadcast_module(model, dist)  # replicas start identical
@@ -107,7 +115,7 @@ def build_reference(cfg: RunConfig, policy, loss: PolicyLossConfig, device: torc
     if not needs_reference(cfg, loss) or not (cfg.model.reference or not cfg.model.lora.r):
         return None
     if cfg.model.reference:
-        ref = load_policy(cfg.model.reference)[0].to(device, DTYPES[cfg.model.dtype])
+        ref = load_policy(cfg.model.reference)[0].to(_home(cfg, device), DTYPES[cfg.model.dtype])
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
@@ -130,16 +138,19 @@ def add_lora(cfg: RunConfig, policy, reference, loss: PolicyLossConfig, dist: Di
     return policy, reference
 
 
-def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: DistInfo):
+def build_critic(
+    cfg: RunConfig, policy, tokenizer, device: torch.device, dist: DistInfo, mesh=None
+):
     """The run's critic (None for ``critic.kind: none``): model, AdamW and LR schedule.
 
     The critic is float32 (its BCE/MSE targets are probabilities and returns, and it is small
-    next to the policy in every preset); it starts equal on every rank.
+    next to the policy in every preset); it starts equal on every rank. With a device ``mesh``
+    (``dist.strategy: fsdp``) it is sharded before its optimiser is made.
     """
     c = cfg.critic
     if c.kind == "none":
         return None
-    model = build_critic_model(c.model, policy, tokenizer, seed=cfg.seed).to(device)
+    model = build_critic_model(c.model, policy, tokenizer, seed=cfg.seed).to(_home(cfg, device))
     if c.lora:  # adapters on the backbone, the fresh value head trained in full
         lora = cfg.model.lora
         model = apply_lora(
@@ -150,6 +161,9 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
             task_type="TOKEN_CLS",
             modules_to_save=["score"],
         )
+    dist_lib.broadcast_module(model, dist)
+    if mesh is not None:
+        model = sharding.shard_model(model, mesh, shard_settings(cfg))
     optimizer = build_optimizer(model, cfg.optim, lr=c.lr, weight_decay=c.weight_decay)
     scheduler = build_scheduler(
         optimizer, c.schedule, c.lr_warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
@@ -167,8 +181,38 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
         whiten=c.whiten,
         incorrect_reward=cfg.reward.incorrect,
     )
-    dist_lib.broadcast_module(model, dist)
     return Critic(model, optimizer, scheduler, settings, dist)
+
+
+def shard_settings(cfg: RunConfig) -> sharding.ShardSettings:
+    f = cfg.dist.fsdp
+    return sharding.ShardSettings(
+        param_dtype=f.param_dtype,
+        reduce_dtype=f.reduce_dtype,
+        cpu_offload=f.cpu_offload,
+        reshard_after_forward=f.reshard_after_forward,
+    )
+
+
+def build_mesh(cfg: RunConfig, device: torch.device):
+    """The device mesh FSDP shards over (``dist.strategy: fsdp``); None for ``replicate``."""
+    return sharding.device_mesh(device) if cfg.dist.strategy == "fsdp" else None
+
+
+def shard_policy(cfg: RunConfig, policy, reference, mesh):
+    """(policy, reference) sharded with FSDP2 over ``mesh`` (unchanged when ``mesh`` is None).
+
+    Called after LoRA is added (the adapters are sharded with their layers) and before the
+    policy's optimiser is made (it must hold the sharded parameters). A reference that is the
+    policy with its adapters off shares the policy's shards.
+    """
+    if mesh is None:
+        return policy, reference
+    settings = shard_settings(cfg)
+    policy = sharding.shard_model(policy, mesh, settings)
+    if isinstance(reference, torch.nn.Module):
+        reference = sharding.shard_model(reference, mesh, settings)
+    return policy, reference
 
 
 def build_routing(cfg: RunConfig, policy) -> RolloutRouting | None:
@@ -201,7 +245,11 @@ def build_sampler(
     common = dict(max_new_tokens=max_new_tokens, temperature=r.temperature, top_p=r.top_p)
     if r.engine in ("hf", "fast"):
         sampler_cls = FastSampler if r.engine == "fast" else HFSampler
-        return sampler_cls(policy, tokenizer, **common)
+        sampler = sampler_cls(policy, tokenizer, **common)
+        if sharding.is_sharded(policy):  # generate on the gathered weights
+            reshard = cfg.dist.fsdp.reshard_after_forward
+            return sharding.GatheredSampler(sampler, policy, device, reshard)
+        return sampler
     from seqrl.rollout.vllm import VLLMSampler
 
     if device.type != "cuda":
@@ -217,11 +265,19 @@ def build_sampler(
         gpu_memory_utilization=v.gpu_memory_utilization,
         max_model_len=v.max_model_len,
         enforce_eager=v.enforce_eager,
-        dtype=v.dtype,
+        dtype=_vllm_dtype(cfg),
         seed=cfg.seed,
         world_size=dist.world_size,
         **common,
     )
+
+
+def _vllm_dtype(cfg: RunConfig) -> str:
+    """``rollout.vllm.dtype``; ``auto`` under FSDP mixed precision is the compute dtype."""
+    dtype, param_dtype = cfg.rollout.vllm.dtype, cfg.dist.fsdp.param_dtype
+    if dtype == "auto" and cfg.dist.strategy == "fsdp" and param_dtype is not None:
+        return param_dtype
+    return dtype
 
 
 def build_task_data(cfg: RunConfig, tokenizer, model=None):

@@ -34,6 +34,11 @@ class Checkpoint:
     path: Path
     state: dict  # optimizer, scheduler, rng, trainer counters, critic (optional)
 
+    @property
+    def sharded(self) -> bool:
+        """Written by sharded processes (``dist.strategy: fsdp``): see :func:`load_sharded_state`."""
+        return is_sharded_checkpoint(self.path)
+
     def load_weights(self, model: torch.nn.Module) -> None:
         """Copy the saved parameters into ``model`` (tied weights handled by safetensors)."""
         try:
@@ -164,6 +169,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not match or not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     try:
+        if is_sharded_checkpoint(path):  # dist.strategy: fsdp
+            check_sharded_files(path)
+            state = torch.load(path / "state.pt", weights_only=False)
+            return Checkpoint(step=int(match.group(1)), path=path, state=state)
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             f.keys()  # header check: a truncated file fails here, before any weight is copied
         state = torch.load(path / "state.pt", weights_only=False)
@@ -180,3 +189,111 @@ def load_latest(root: Path) -> Checkpoint | None:
         except ValueError as err:
             warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
     return None
+
+
+# ------------------------------------------------------------------ sharded (dist.strategy: fsdp)
+SHARDED = "sharded"
+"""The ``torch.distributed.checkpoint`` folder of a sharded checkpoint: ``step-N/sharded/``."""
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / SHARDED).is_dir()
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    modules: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+    state: dict,
+    *,
+    rank: int,
+    keep: int = 2,
+) -> Path:
+    """Write ``root/step-{step}`` from every process (a collective), atomically.
+
+    ``modules`` ({"policy": (model, optimizer), ...}) are FSDP-sharded: each process writes its
+    own shards of the weights and AdamW state with ``torch.distributed.checkpoint`` into
+    ``sharded/`` (a resume may use another number of processes: DCP reshards on load).
+    Rank 0 writes ``state`` (schedules, counters, RNG) to ``state.pt``, then, once every
+    process's files are on disk, the ``COMPLETE`` marker, and renames the folder into place.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-sharded"  # one name for every process
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    to_save = {}
+    for name, (model, optimizer) in modules.items():
+        model_state, optim_state = get_state_dict(model, optimizer)
+        to_save[name] = {"model": model_state, "optimizer": optim_state}
+    dcp.save(to_save, checkpoint_id=tmp / SHARDED)  # fsyncs every file it writes
+    dist.barrier()
+    if rank == 0:
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+        _fsync_dir(tmp / SHARDED)
+        (tmp / MARKER).write_text(f"{step}\n")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep > 0:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # no process moves on (or saves again) before the checkpoint is in place
+    return final
+
+
+def check_sharded_files(path: Path) -> None:
+    """Raise if ``path/sharded`` is not a whole DCP checkpoint: metadata unreadable, or a
+    shard file it names missing or shorter than the bytes it should hold (a truncated copy)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = Path(path) / SHARDED
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in needed.items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"shard file {name} is missing")
+        if file.stat().st_size < size:
+            raise ValueError(f"shard file {name} is truncated ({file.stat().st_size} < {size} B)")
+
+
+def load_sharded_state(
+    path: Path, modules: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """Load the weights and AdamW state of ``modules`` from ``path/sharded`` (a collective).
+
+    The modules may be sharded over another number of processes than the checkpoint was
+    written by, or not sharded at all (one process): DCP reads each process's slice.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    to_load = {}
+    for name, (model, optimizer) in modules.items():
+        model_state, optim_state = get_state_dict(model, optimizer)
+        to_load[name] = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(to_load, checkpoint_id=Path(path) / SHARDED)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} does not fit this run ({err})") from err
+    for name, (model, optimizer) in modules.items():
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=to_load[name]["model"],
+            optim_state_dict=to_load[name]["optimizer"],
+        )

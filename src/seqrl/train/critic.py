@@ -27,9 +27,10 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
 from seqrl.rollout.base import eval_mode
+from seqrl.train import sharding
 from seqrl.train.dist import SINGLE, DistInfo, all_reduce_sum, mean_metrics
 from seqrl.train.forward import batch_values, prompt_value_logits, token_values
-from seqrl.train.optimize import PassSettings, optimizer_pass
+from seqrl.train.optimize import PassSettings, optimizer_params, optimizer_pass
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class Critic:
 
         self.model.train()
         acc, skipped = optimizer_pass(
-            [p for p in self.model.parameters() if p.requires_grad],
+            optimizer_params(self.optimizer),  # under FSDP: the shards, whatever is gathered
             self.optimizer,
             loss_fn,
             mask=counted,
@@ -196,6 +197,7 @@ class Critic:
             dist=self.dist,
             summed=("critic/loss",),
             grad_norm_key="critic/grad_norm",
+            pad=sharding.train_padding(self.model),
         )
         self.scheduler.step()
         self.model.eval()

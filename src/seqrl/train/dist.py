@@ -145,12 +145,22 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 
 
 def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
-    """Copy rank 0's parameters and buffers to every rank (replicas start identical)."""
+    """Copy rank 0's parameters and buffers to every rank (replicas start identical).
+
+    A tensor off the collective's device (a CPU model under nccl, before FSDP shards it) goes
+    through a copy on that device.
+    """
     if not info.active:
         return
+    comm = _comm_device()
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=0)
+            if t.device == comm:
+                dist.broadcast(t.data, src=0)
+            else:
+                on_comm = t.data.to(comm)
+                dist.broadcast(on_comm, src=0)
+                t.data.copy_(on_comm)
 
 
 def broadcast_object(obj, info: DistInfo):

@@ -13,6 +13,7 @@ sampler's up to float rounding, and a critic reads its values at the same positi
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.rollout import RolloutBatch
+from seqrl.train.sharding import Padding
 
 
 def trim(ids: Tensor, mask: Tensor, *, left: bool) -> tuple[Tensor, Tensor]:
@@ -160,6 +162,8 @@ def batch_logprobs(
     B = batch.response_ids.shape[0]
     if routing is not None:
         routing.start(batch)
+    padding = Padding(model)  # FSDP: as many forwards as the process with the most rows
+    most = padding.most(math.ceil(B / micro_batch_size))
     parts = [
         response_logprobs(
             model,
@@ -171,6 +175,7 @@ def batch_logprobs(
         )[0]
         for s in range(0, B, micro_batch_size)
     ]
+    padding.run(most - len(parts))
     return torch.cat(parts) if parts else batch.sampler_logprobs.clone()
 
 
@@ -211,6 +216,8 @@ def token_values(critic, batch: RolloutBatch, rows: Tensor) -> Tensor:
 def batch_values(critic, batch: RolloutBatch, kind: str, micro_batch_size: int) -> Tensor:
     """Critic outputs for the whole batch without gradient: logits [B] or values [B, T]."""
     B = batch.response_ids.shape[0]
+    padding = Padding(critic)  # FSDP: as many forwards as the process with the most rows
+    most = padding.most(math.ceil(B / micro_batch_size))
     parts = []
     for s in range(0, B, micro_batch_size):
         rows = torch.arange(s, min(s + micro_batch_size, B))
@@ -220,4 +227,8 @@ def batch_values(critic, batch: RolloutBatch, kind: str, micro_batch_size: int) 
             )
         else:
             parts.append(token_values(critic, batch, rows))
+    padding.run(most - len(parts))
+    if not parts:  # no rows on this process (kept groups rebalanced over processes)
+        shape = batch.response_ids.shape[: 1 if kind == "scalar" else 2]
+        return torch.zeros(shape, device=batch.response_ids.device)
     return torch.cat(parts)

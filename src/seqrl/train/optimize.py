@@ -25,7 +25,8 @@ from torch import Tensor
 
 import seqrl.core as C
 from seqrl.core import LossOutput
-from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank
+from seqrl.train import sharding
+from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank, gather_cat
 from seqrl.train.metrics import MetricAccumulator
 
 # (micro-batch rows [b], minibatch total_tokens, minibatch total_sequences) → the rows' loss share
@@ -43,20 +44,26 @@ class PassSettings:
 
 
 def minibatch_rows(
-    order: Tensor, num_minibatches: int, local_rows: int, dist: DistInfo
+    order: Tensor, num_minibatches: int, local_rows: int, dist: DistInfo, first: int | None = None
 ) -> list[Tensor]:
     """This rank's local row indices of each minibatch of a global permutation ``order``.
 
-    Rank r holds global rows [r·b, (r + 1)·b), b = ``local_rows``; minibatch m is the m-th
-    equal chunk of ``order`` over all ranks, exactly as one process holding every row splits
-    it. On one process this is ``order.chunk(num_minibatches)``.
+    Rank r holds global rows [lo, lo + b), b = ``local_rows``, lo = ``first`` (default r·b:
+    every rank holds b rows); minibatch m is the m-th equal chunk of ``order`` over all ranks,
+    exactly as one process holding every row splits it. On one process this is
+    ``order.chunk(num_minibatches)``.
     """
-    lo = dist.rank * local_rows
+    lo = dist.rank * local_rows if first is None else first
     out = []
     for minibatch in order.chunk(num_minibatches):
         mine = (minibatch >= lo) & (minibatch < lo + local_rows)
         out.append(minibatch[mine] - lo)
     return out
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The parameters ``optimizer`` steps, in order (what the pass reduces and clips)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def global_normalizers(mask: Tensor, dist: DistInfo) -> tuple[Tensor, Tensor]:
@@ -83,6 +90,7 @@ def optimizer_pass(
     summed: Sequence[str],
     grad_norm_key: str,
     after_step: Callable[[], None] | None = None,
+    pad: sharding.Padding | None = None,
 ) -> tuple[MetricAccumulator, int]:
     """``ppo_epochs`` × ``num_minibatches`` optimiser steps; returns (metrics, skipped steps).
 
@@ -94,16 +102,27 @@ def optimizer_pass(
     gradients and summed metrics divided by the minibatch's total denominator.
     ``after_step`` runs after every optimiser step taken. Every call of ``loss_fn`` returns
     the ``summed`` metrics.
+
+    Under FSDP (``params`` are DTensor shards) FSDP sums the gradients in each backward, and
+    ``pad`` (:class:`seqrl.train.sharding.Padding`) makes as many forward/backward passes on
+    every process as on the one with the most micro-batches in the minibatch.
     """
     B = mask.shape[0]
+    sharded = sharding.has_sharded_params(params)
+    rows = gather_cat(torch.tensor([B]), dist).tolist()  # every rank's row count (may differ)
     acc, skipped = MetricAccumulator(), 0
     for _ in range(settings.ppo_epochs):
-        order = torch.randperm(B * dist.world_size, generator=generator)
-        for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist):
-            finite = _accumulate(params, loss_fn, minibatch, mask, settings, dist, summed, acc)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, settings.grad_clip if settings.grad_clip is not None else math.inf
+        order = torch.randperm(sum(rows), generator=generator)
+        first = sum(rows[: dist.rank])
+        for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist, first):
+            finite = _accumulate(
+                params, loss_fn, minibatch, mask, settings, dist, summed, acc, pad, sharded
             )
+            max_norm = settings.grad_clip if settings.grad_clip is not None else math.inf
+            if sharded:
+                grad_norm = sharding.clip_grad_norm_(params, max_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             finite = not any_rank(not finite, dist)
             if finite and math.isfinite(grad_norm.item()):
                 optimizer.step()
@@ -125,12 +144,16 @@ def _accumulate(
     dist: DistInfo,
     summed: Sequence[str],
     acc: MetricAccumulator,
+    pad: sharding.Padding | None = None,
+    sharded: bool = False,
 ) -> bool:
     """One minibatch's gradient in ``params`` (all ranks) and its metrics; True when finite."""
     total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
     finite, deferring = True, False
     shares = torch.zeros(len(summed) + 1, dtype=torch.float64)  # [summed…, denominator]
-    for micro in minibatch.split(settings.micro_batch_size) if minibatch.numel() else ():
+    micros = minibatch.split(settings.micro_batch_size) if minibatch.numel() else ()
+    most = len(micros) if pad is None else pad.most(len(micros))
+    for micro in micros:
         out = loss_fn(micro, total_tokens, total_sequences)
         finite &= bool(torch.isfinite(out.loss))
         out.loss.backward()
@@ -140,7 +163,10 @@ def _accumulate(
             deferring = True
             shares[-1] += out.denominator.double().cpu()
         acc.add({k: v for k, v in out.metrics.items() if k not in summed})
-    all_reduce_grads(params, dist)
+    if pad is not None:
+        pad.run(most - len(micros))  # FSDP: as many forward/backward passes as the busiest process
+    if not sharded:  # FSDP reduce-scattered the sums in each backward
+        all_reduce_grads(params, dist)
     if dist.active:
         shares = all_reduce_sum(shares, dist)
         deferring = any_rank(deferring, dist)

@@ -18,9 +18,10 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.core import PolicyLossConfig
 from seqrl.rollout import RolloutBatch
+from seqrl.train import sharding
 from seqrl.train.dist import SINGLE, DistInfo, mean_metrics
 from seqrl.train.forward import batch_logprobs, response_logprobs
-from seqrl.train.optimize import PassSettings, optimizer_pass
+from seqrl.train.optimize import PassSettings, optimizer_params, optimizer_pass
 
 __all__ = [
     "UpdateSettings",
@@ -147,7 +148,7 @@ def update_policy(
     if routing is not None:
         routing.begin_updates()
     acc, skipped = optimizer_pass(
-        [p for p in model.parameters() if p.requires_grad],
+        optimizer_params(optimizer),  # under FSDP: the shards, whatever is gathered
         optimizer,
         loss_fn,
         mask=batch.response_mask,
@@ -157,6 +158,7 @@ def update_policy(
         summed=("loss/policy",) + (() if ref_logprobs is None else ("loss/kl",)),
         grad_norm_key="policy/grad_norm",
         after_step=None if routing is None else routing.optimizer_stepped,
+        pad=sharding.train_padding(model),
     )
     if routing is not None:
         acc.add(routing.metrics())

@@ -45,9 +45,11 @@ from seqrl.train import builders as B
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import critic as critic_lib
 from seqrl.train import dist as dist_lib
+from seqrl.train import sharding
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.rebalance import collect_rollout_rebalanced
 from seqrl.train.rundir import RunDirError, claim_run_dir, describe_os_error
 from seqrl.train.sampling import (
     PromptOrder,
@@ -132,10 +134,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         loss = cfg.resolved_loss()
+        self.mesh = B.build_mesh(cfg, self.device)  # dist.strategy=fsdp: the mesh it shards over
         self.model, self.tokenizer = B.build_policy(cfg, self.device, self.dist)
         self.ref_model = B.build_reference(cfg, self.model, loss, self.device)
-        self.critic = B.build_critic(cfg, self.model, self.tokenizer, self.device, self.dist)
+        self.critic = B.build_critic(
+            cfg, self.model, self.tokenizer, self.device, self.dist, self.mesh
+        )
         self.model, self.ref_model = B.add_lora(cfg, self.model, self.ref_model, loss, self.dist)
+        self.model, self.ref_model = B.shard_policy(cfg, self.model, self.ref_model, self.mesh)
         self.task, self.train_examples, self.eval_examples = B.build_task_data(
             cfg, self.tokenizer, self.model
         )
@@ -234,15 +240,31 @@ class Trainer:
 
     def collect(self, step: int) -> StepRollout:
         """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline."""
-        rollout = collect_rollout(
-            self.sampler,
-            self.tokenizer,
-            self.task,
-            self.prompts.step_examples(step),
-            self.prompts.side_examples(step),
-            self.sampling_settings,
-            seeds_for=self.prompts.seeds_for(step),
-        )
+        if self.dist.active and self.sampling_settings.dynamic:  # kept groups rebalanced
+            every = PromptOrder(
+                self.train_examples, prompts_per_step=self.prompts.P, seed=self.cfg.seed
+            )
+            rollout = collect_rollout_rebalanced(
+                self.sampler,
+                self.tokenizer,
+                self.task,
+                every.step_examples(step),
+                every.side_examples(step),
+                self.sampling_settings,
+                every.seeds_for(step),
+                self.dist,
+                self.device,
+            )
+        else:
+            rollout = collect_rollout(
+                self.sampler,
+                self.tokenizer,
+                self.task,
+                self.prompts.step_examples(step),
+                self.prompts.side_examples(step),
+                self.sampling_settings,
+                seeds_for=self.prompts.seeds_for(step),
+            )
         if self.cfg.algo.advantage == "remax" and rollout.examples:
             greedy = greedy_baseline(
                 self.sampler, self.tokenizer, self.task, rollout.examples, self.sampling_settings
@@ -257,7 +279,7 @@ class Trainer:
 
         ``kl_penalty`` [B, T]: the KL in the reward (:meth:`reward_kl_penalty`), or None.
         """
-        if not rollout.examples:  # dynamic sampling kept no group: nothing to learn from
+        if not dist_lib.any_rank(bool(rollout.examples), self.dist):  # no group kept anywhere
             return rollout.rewards, {}  # [0]
         batch, metrics = rollout.batch, {}
         if kl_penalty is not None:
@@ -343,8 +365,8 @@ class Trainer:
         No update when no group was kept or while the critic warms up (``critic.warmup_steps``).
         """
         warming_up = self.critic is not None and step <= self.cfg.critic.warmup_steps
-        if not batch.response_ids.shape[0] or warming_up:
-            return {}, 0
+        if not dist_lib.any_rank(bool(batch.response_ids.shape[0]), self.dist) or warming_up:
+            return {}, 0  # (a process may hold no row while others do: it still takes part)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         with checkpointing_active(self.model):
             out = update_policy(
@@ -371,8 +393,11 @@ class Trainer:
             self.scheduler.step()
 
     def reduce_step_metrics(self, metrics: dict, rollout: StepRollout) -> dict[str, float]:
-        """Means over ranks; rollout statistics recomputed over every rank's responses."""
-        if self.dist.active:
+        """Means over ranks; rollout statistics recomputed over every rank's responses.
+
+        (With dynamic sampling they already are: every process saw every generation batch.)
+        """
+        if self.dist.active and not self.sampling_settings.dynamic:
             gathered = [
                 dist_lib.gather_cat(t, self.dist)
                 for t in (rollout.correct, rollout.batch.lengths, rollout.batch.truncated)
@@ -717,12 +742,23 @@ class Trainer:
         return trainer
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
-        c.load_weights(self.model)
-        self.optimizer.load_state_dict(c.state["optimizer"])
+        if c.sharded != (self.mesh is not None):
+            saved = "fsdp" if c.sharded else "replicate"
+            raise ValueError(
+                f"checkpoint {c.path} was written with dist.strategy={saved}, but this run uses "
+                f"dist.strategy={self.cfg.dist.strategy}; resume with the strategy it was saved with"
+            )
+        if c.sharded:  # every process reads its slice, whatever the number of processes
+            ckpt.load_sharded_state(c.path, self._sharded_modules())
+            if self.critic is not None:
+                self.critic.scheduler.load_state_dict(c.state["critic"]["scheduler"])
+        else:
+            c.load_weights(self.model)
+            self.optimizer.load_state_dict(c.state["optimizer"])
+            if self.critic is not None:
+                self.critic.load_state_dict(c.state["critic"])
         self.scheduler.load_state_dict(c.state["scheduler"])
         self.state = TrainState(**c.state["trainer"])
-        if self.critic is not None:
-            self.critic.load_state_dict(c.state["critic"])
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
         self._saved_step = c.step
@@ -738,6 +774,9 @@ class Trainer:
         self.console.print(f"resumed {self.run_dir} from {c.path.name}")
 
     def _save(self) -> None:
+        if self.mesh is not None:
+            self._save_sharded()
+            return
         if not self.dist.is_main:
             return
         state = {
@@ -758,23 +797,50 @@ class Trainer:
             )
         self._saved_step = self.state.step
 
+    def _sharded_modules(self) -> dict:
+        """The FSDP-sharded (model, optimizer) pairs a sharded checkpoint holds."""
+        out = {"policy": (self.model, self.optimizer)}
+        if self.critic is not None:
+            out["critic"] = (self.critic.model, self.critic.optimizer)
+        return out
+
+    def _save_sharded(self) -> None:
+        """``dist.strategy: fsdp``: every process writes its shards (torch.distributed.checkpoint)."""
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": vars(self.state).copy(),
+            "rng": ckpt.rng_state(),
+        }
+        if self.critic is not None:
+            state["critic"] = {"scheduler": self.critic.scheduler.state_dict()}
+        ckpt.save_sharded_checkpoint(
+            self.run_dir / "checkpoints",
+            self.state.step,
+            self._sharded_modules(),
+            state,
+            rank=self.dist.rank,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
     def _save_final(self) -> None:
-        """``final/``: the policy (LoRA merged) and the critic in Hugging Face format."""
+        """``final/``: the policy (LoRA merged) and the critic in Hugging Face format.
+
+        Under FSDP the full weights are gathered to rank 0 one tensor at a time.
+        """
+        policy, critic = self.model, None if self.critic is None else self.critic.model
+        if self.mesh is not None:
+            policy = sharding.gather_full_model(policy)
+            critic = critic if critic is None else sharding.gather_full_model(critic)
         if self.dist.is_main:
             final = self.run_dir / "final"
             with self._writing("the final model"), ckpt.write_errors_as_oserror(final):
-                save_policy(self.model, self.tokenizer, final)
-                if self.critic is not None:
-                    save_critic(merged(self.critic.model), self.tokenizer, final / "critic")
+                save_policy(policy, self.tokenizer, final)
+                if critic is not None:
+                    save_critic(merged(critic), self.tokenizer, final / "critic")
         dist_lib.barrier(self.dist)  # the final files are on disk before any rank returns
 
 
 def _check_multi_process(cfg: RunConfig, dist: DistInfo) -> None:
-    """What a ``torchrun`` job cannot do (yet); fails before anything is built."""
-    shard_bounds(cfg.rollout.prompts_per_step, dist)  # P must split evenly over the ranks
-    if cfg.rollout.dynamic_sampling:
-        raise ValueError(
-            "rollout.dynamic_sampling runs in one process only for now (the kept groups "
-            "would have to be rebalanced between processes); set "
-            "rollout.dynamic_sampling=false for multi-process runs, or run one process"
-        )
+    """What a ``torchrun`` job cannot do; fails before anything is built."""
+    if not cfg.rollout.dynamic_sampling:  # (dynamic sampling rebalances the kept groups)
+        shard_bounds(cfg.rollout.prompts_per_step, dist)  # P must split evenly over the ranks
