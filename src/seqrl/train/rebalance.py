@@ -96,6 +96,7 @@ def gather_groups(
         [t for p in parts for t in p.texts],
         torch.cat([p.correct for p in parts]),
         torch.cat([p.terms for p in parts], dim=1),
+        torch.cat([p.scores for p in parts]),
     )
 
 
@@ -114,6 +115,7 @@ def share(rollout: StepRollout, dist: DistInfo) -> StepRollout:
         rewards=rollout.rewards[rows],
         correct=rollout.correct[rows],
         terms=None if rollout.terms is None else rollout.terms[:, rows],
+        scores=None if rollout.scores is None else rollout.scores[rows],
     )
 
 
