@@ -30,3 +30,22 @@ class ExpertsObserver:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+# Reward terms that fail inside a rollout worker (tests/train/test_async.py).
+class WorkerBoom(BaseException):
+    """Not an Exception: passes through the reward-term guard like an interpreter-level error."""
+
+
+def reward_that_raises(completion: str, example) -> float:
+    return 1 / 0
+
+
+def reward_that_escapes(completion: str, example) -> float:
+    raise WorkerBoom("escaped from a reward term")
+
+
+def reward_that_exits(completion: str, example) -> float:
+    import os
+
+    os._exit(7)

@@ -48,6 +48,12 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "algo.advantage='rloo' needs rollout.group_size >= 2 (the leave-one-out baseline "
             f"averages the other samples of the prompt), got {cfg.rollout.group_size}"
         )
+    if cfg.rollout.max_staleness and cfg.rollout.engine == "vllm":
+        problems.append(
+            "rollout.max_staleness >= 1 runs the rollout worker with rollout.engine=hf or fast; "
+            "the vLLM engine is colocated in the trainer's process and cannot sample ahead yet: "
+            "set rollout.engine=hf, or rollout.max_staleness=0"
+        )
     if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
         problems.append(
             "moe.routing_replay records the old policy's routing while it recomputes the old "
@@ -226,7 +232,17 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "response per prompt (N = 1), the critic V(prompt) being the baseline; extra samples "
             "cost rollout time without changing the estimator"
         )
-    if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
+    stale = cfg.rollout.max_staleness
+    if stale and cfg.rollout.old_logprobs_source == "sampler":
+        out.append(
+            f"rollout.max_staleness={stale} with rollout.old_logprobs_source='sampler': π_old is "
+            "then the rollout worker's μ, up to that many steps old, so the clip is centred on the "
+            "stale policy and algo.mismatch cannot correct anything; keep "
+            "old_logprobs_source=recompute (π_old = the trainer's policy when the step begins)"
+        )
+    elif cfg.algo.mismatch.correction not in ("none", "auto") and (
+        cfg.rollout.old_logprobs_source == "sampler"
+    ):
         out.append(
             f"algo.mismatch.correction={cfg.algo.mismatch.correction!r} with "
             "rollout.old_logprobs_source='sampler': π_old is then the sampler's μ, the mismatch "

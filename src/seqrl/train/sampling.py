@@ -62,6 +62,7 @@ class StepRollout:
     metrics: dict[str, float]  # over every response generated in the step, + sampling/*
     terms: Tensor | None = None  # [n_terms, P'·G] weighted extra reward terms
     greedy_rewards: Tensor | None = None  # [P'] ReMax's baseline: the greedy responses' rewards
+    versions: Tensor | None = None  # [P'·G] policy version that sampled each row (async rollouts)
 
 
 def stream_seed(*parts: int) -> int:
@@ -344,6 +345,37 @@ def collect_rollout(
         if n_kept >= P:
             break
     return _step_rollout(kept, seen, s, P, n_dropped, tokenizer.pad_token_id)
+
+
+def collect_step(
+    sampler,
+    tokenizer,
+    task,
+    prompts: PromptOrder,
+    s: SamplingSettings,
+    step: int,
+    *,
+    greedy_baseline_too: bool = False,
+) -> StepRollout:
+    """Step ``step``'s rollout from its prompts and streams; with ReMax's greedy baseline.
+
+    The same function samples in the trainer (synchronous) and in the rollout worker
+    (:mod:`seqrl.train.rollout_worker`): a step's batch depends on the step number and the
+    sampler's weights only.
+    """
+    rollout = collect_rollout(
+        sampler,
+        tokenizer,
+        task,
+        prompts.step_examples(step),
+        prompts.side_examples(step),
+        s,
+        seeds_for=prompts.seeds_for(step),
+    )
+    if greedy_baseline_too and rollout.examples:
+        greedy = greedy_baseline(sampler, tokenizer, task, rollout.examples, s)
+        rollout = dataclasses.replace(rollout, greedy_rewards=greedy)
+    return rollout
 
 
 def _step_rollout(

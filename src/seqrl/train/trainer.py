@@ -14,7 +14,7 @@ import re
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +38,11 @@ from seqrl.train import dist as dist_lib
 from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_bounds
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
+from seqrl.train.rollout_worker import RolloutWorker, WorkerSpec
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
-    collect_rollout,
-    greedy_baseline,
+    collect_step,
     rollout_metrics,
     score_rollout,
     stream_seed,
@@ -116,6 +116,10 @@ class Trainer:
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
+        # rollout.max_staleness = k ≥ 1: a worker process samples ahead (None: sample here)
+        self.async_staleness: int | None = cfg.rollout.max_staleness or None
+        self._worker: RolloutWorker | None = None
+        self._restored_versions: dict = {}  # older policy versions from a checkpoint
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -132,6 +136,8 @@ class Trainer:
             step, batch, advantages, old_logprobs, ref_logprobs, routing
         )
         self.advance_schedule()
+        if self._worker is not None:
+            self._worker.publish(step)  # version `step` of the weights, for step step + 1 + k
         t_step = time.perf_counter() - t0
 
         metrics = {
@@ -152,22 +158,43 @@ class Trainer:
         return metrics
 
     def collect(self, step: int) -> StepRollout:
-        """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline."""
-        rollout = collect_rollout(
+        """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline.
+
+        With ``rollout.max_staleness`` = k ≥ 1 the rollout worker sampled it, with the policy
+        of step max(0, t − 1 − k) (:mod:`seqrl.train.rollout_worker`).
+        """
+        if self.async_staleness is not None:
+            return self._rollout_worker().take(step)
+        return collect_step(
             self.sampler,
             self.tokenizer,
             self.task,
-            self.prompts.step_examples(step),
-            self.prompts.side_examples(step),
+            self.prompts,
             self.sampling_settings,
-            seeds_for=self.prompts.seeds_for(step),
+            step,
+            greedy_baseline_too=self.cfg.algo.advantage == "remax",
         )
-        if self.cfg.algo.advantage == "remax" and rollout.examples:
-            greedy = greedy_baseline(
-                self.sampler, self.tokenizer, self.task, rollout.examples, self.sampling_settings
+
+    def _rollout_worker(self) -> RolloutWorker:
+        """The rollout worker, started on first use with the versions it needs."""
+        if self._worker is None:
+            spec = WorkerSpec(
+                cfg=self.cfg,
+                dist=self.dist,
+                device=str(self.device),
+                run_dir=str(self.run_dir),
+                first_step=self.state.step + 1,
+                last_step=self.cfg.train.steps,
+                max_staleness=self.async_staleness,
             )
-            rollout = replace(rollout, greedy_rewards=greedy)
-        return rollout
+            self._worker = RolloutWorker(spec, self.model, self._restored_versions)
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the rollout worker, if one runs (``fit`` does this when it returns or fails)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def advantages(self, step: int, rollout: StepRollout) -> tuple[Tensor, dict[str, float]]:
         """Advantages from the group estimator, or from the critic (which then updates)."""
@@ -369,6 +396,8 @@ class Trainer:
             self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard
         )
         try:
+            if self.async_staleness is not None and self.state.step < cfg.train.steps:
+                self._rollout_worker()  # starts while the first evaluation runs
             if fresh:
                 self._eval_and_log(0)
             start_wall = time.perf_counter() - self.state.wall_time_s
@@ -381,6 +410,7 @@ class Trainer:
             self._save()
             self._save_final()
         finally:
+            self.close()
             self.logger.close()
         summary = self.summary()
         if self.dist.is_main:
@@ -511,6 +541,7 @@ class Trainer:
         self.state = TrainState(**c.state["trainer"])
         if self.critic is not None:
             self.critic.load_state_dict(c.state["critic"])
+        self._restored_versions = c.state.get("rollout_versions", {})
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
         if self.dist.is_main:  # rank 0 owns the logs
@@ -530,6 +561,12 @@ class Trainer:
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
+        if self.async_staleness is not None:  # the versions that sample the next k steps
+            state["rollout_versions"] = (
+                self._worker.saved_versions(self.state.step)
+                if self._worker is not None
+                else self._restored_versions
+            )
         ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.state.step,
