@@ -318,3 +318,41 @@ def test_weight_slots_keep_k_plus_1_versions_and_the_schedule_of_versions():
     slots.read_into(3, out)
     assert torch.equal(out[0][1], torch.full((2, 3), 3.0))
     assert slots.buffers[torch.float32].is_shared()
+
+
+@pytest.mark.slow
+def test_two_trainer_processes_with_a_worker_each_equal_one_process(tmp_path):
+    """Under torchrun every rank runs its own worker over its share of the prompts; the
+    parameters reach those of one process with one worker (up to float rounding)."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    run = ["model.policy=builtin:tiny-addition", "rollout.prompts_per_step=4",
+           "rollout.group_size=4", "task.eval_size=6", "train.eval_samples=1",
+           "train.eval_every=0", "train.steps=3", "algo.name=dapo", "algo.num_minibatches=2",
+           "algo.micro_batch_size=3", "optim.lr=1e-3", "optim.eps=1e-3",
+           "log.tensorboard=false", "rollout.max_staleness=1", f"output_dir={tmp_path}"]  # fmt: skip
+    Trainer(load_config(None, [*run, "name=one"]), progress=False).fit()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2] / "src"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={port}", "-m", "seqrl", "train", "--no-progress",
+           *_sets([*run, "name=two"])]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-6, msg=key)
+    one, two = _comparable(tmp_path / "one"), _comparable(tmp_path / "two")
+    for r1, r2 in zip(one, two, strict=True):
+        for key in ("reward/mean", "train/accuracy", "response_len/max", "eval/greedy_acc"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["async/staleness_max"] for r in rows if "async/staleness_max" in r] == [0, 1, 1]
