@@ -97,6 +97,9 @@ def test_three_policy_loss_matches_the_reference(name, correction, adv_dim):
     rho = log_rho.exp() if level == "token" else log_rho.exp()[:, None].expand_as(mask)
     over = (rho > cap) & mask
     assert over.any() and (~over & mask).any()
+    if correction != "none":
+        frac = out.metrics["mismatch/weight_capped_frac"]
+        assert abs(float(frac) - over.sum().item() / mask.sum().item()) < 1e-12
 
 
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_mean"])
@@ -132,8 +135,10 @@ def test_with_mu_equal_to_prox_it_is_the_two_policy_loss_exactly(name, correctio
     )
     assert torch.equal(three.loss, two.loss)
     assert torch.equal(_grad(three.loss, a), _grad(two.loss, b))
-    assert three.metrics.keys() == two.metrics.keys() | {"mismatch/weight_mean"}
+    extra = {"mismatch/weight_mean", "mismatch/weight_capped_frac"}
+    assert three.metrics.keys() == two.metrics.keys() | extra
     assert three.metrics["mismatch/weight_mean"] == 1.0
+    assert three.metrics["mismatch/weight_capped_frac"] == 0.0
     for key in two.metrics:
         assert torch.equal(three.metrics[key], two.metrics[key]), key
 

@@ -34,7 +34,7 @@ from seqrl.core.advantages import broadcast_to_tokens
 from seqrl.core.fipo import dual_clip_drop_mask, influence_weights
 from seqrl.core.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from seqrl.core.masks import check_mask, masked_extreme, masked_mean
-from seqrl.core.mismatch import MismatchLevel, mismatch_weights
+from seqrl.core.mismatch import MismatchLevel, mismatch_log_ratio, mismatch_weights
 from seqrl.core.ratios import (
     clip_masks,
     clipped_surrogate,
@@ -465,19 +465,16 @@ def decoupled_policy_loss(
     With μ = π_prox (synchronous, no train–inference gap) ρ = 1, ω = 1 and the loss is
     :func:`clipped_policy_loss` exactly. All log-prob tensors [B, T]; ``advantages`` [B] or
     [B, T]; the normaliser arguments as in :func:`clipped_policy_loss`. Metrics: those of
-    :func:`clipped_policy_loss`, plus ``mismatch/weight_mean`` (mean ω) with a correction.
+    :func:`clipped_policy_loss`, plus with a correction ``mismatch/weight_mean`` (mean ω over
+    tokens) and ``mismatch/weight_capped_frac`` (tokens whose ρ, at ``level``, exceeds C).
     """
     if correction not in ("none", "truncate", "mask"):
         raise ValueError(f"correction must be none, truncate or mask, got {correction!r}")
     weights = None  # [B, T]
+    level = level or behaviour_level(cfg.ratio_level)
     if correction != "none":
         weights = mismatch_weights(
-            prox_logprobs,
-            behaviour_logprobs,
-            mask,
-            level=level or behaviour_level(cfg.ratio_level),
-            mode=correction,
-            cap=cap,
+            prox_logprobs, behaviour_logprobs, mask, level=level, mode=correction, cap=cap
         )
     out = clipped_policy_loss(
         cfg,
@@ -492,7 +489,13 @@ def decoupled_policy_loss(
         defer_normalizer=defer_normalizer,
     )
     if weights is not None:
-        out.metrics["mismatch/weight_mean"] = masked_mean(weights, mask)
+        with torch.no_grad():
+            log_rho = mismatch_log_ratio(prox_logprobs, behaviour_logprobs, mask, level=level)
+            if level != "token":
+                log_rho = log_rho[:, None].expand_as(mask)  # [B, T]
+            capped = (log_rho > math.log(cap)).to(weights.dtype)  # ρ > C: truncated or masked
+            out.metrics["mismatch/weight_mean"] = masked_mean(weights, mask)
+            out.metrics["mismatch/weight_capped_frac"] = masked_mean(capped, mask)
     return out
 
 
