@@ -126,8 +126,9 @@ def _ms(values: list[float], fmt: str = ".3f") -> str:
     values = [v for v in values if v == v]
     if not values:
         return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def summarise(results: list[dict], out_dir: Path) -> str:

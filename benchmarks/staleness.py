@@ -98,8 +98,9 @@ def _ms(values: list[float], fmt: str = ".3f") -> str:
     values = [v for v in values if v == v]
     if not values:
         return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def summarise(results: list[dict], out_dir: Path) -> str:
@@ -108,7 +109,10 @@ def summarise(results: list[dict], out_dir: Path) -> str:
         "mean ω | ρ > C (tokens) | KL(μ‖π_prox)/token | reward |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    groups = sorted({(r["algo"], r["variant"], r["k"]) for r in results})
+    groups = sorted(
+        {(r["algo"], r["variant"], r["k"]) for r in results},
+        key=lambda g: (g[0], g[1] != "decoupled", g[2]),
+    )
     for algo, variant, k in groups:
         rs = [r for r in results if (r["algo"], r["variant"], r["k"]) == (algo, variant, k)]
 

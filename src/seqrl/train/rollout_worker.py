@@ -97,10 +97,14 @@ class WeightSlots:
         }
 
     def write(self, version: int, named: list[tuple[str, Tensor]] | dict[str, Tensor]) -> None:
+        """Copy the parameters into the version's slot (a sharded DTensor is gathered whole)."""
         values = dict(named)
         with torch.no_grad():
             for name, view in self.views(version).items():
-                view.copy_(values[name].detach())
+                value = values[name].detach()
+                if hasattr(value, "full_tensor"):  # FSDP2: every rank gathers, in the same order
+                    value = value.full_tensor()
+                view.copy_(value)
 
     def read_into(self, version: int, named: list[tuple[str, Tensor]]) -> None:
         views = self.views(version)
