@@ -189,12 +189,11 @@ class RolloutWorker:
             if isinstance(original, RewardFunctionError):  # the trainer saves and stops
                 raise original from cause
             raise cause
-        _, sent_step, version, payload, worker_wait, worker_rollout = message
+        _, sent_step, payload, worker_wait, worker_rollout = message
         if sent_step != step:
             raise RolloutWorkerError(f"expected the batch of step {step}, got step {sent_step}")
         rollout: StepRollout = pickle.loads(payload)
-        versions = torch.full((len(rollout.texts),), version, dtype=torch.int64)  # [B]
-        lag = (step - 1 - versions).double()  # versions behind the trainer's θ at step start
+        lag = (step - 1 - rollout.versions).double()  # [B] versions behind θ at the step's start
         if lag.numel() and lag.max() > self.spec.max_staleness:  # the invariant, checked
             raise RolloutWorkerError(f"step {step} got samples {int(lag.max())} versions old")
         metrics = {
@@ -205,7 +204,7 @@ class RolloutWorker:
             "async/worker_wait_s": worker_wait,
             "async/worker_rollout_s": worker_rollout,
         }
-        return replace(rollout, metrics=rollout.metrics | metrics, versions=versions)
+        return replace(rollout, metrics=rollout.metrics | metrics)
 
     def saved_versions(self, current: int) -> dict[int, dict[str, Tensor]]:
         """The older versions a resume at step ``current`` needs: max(0, current − k) … current − 1."""
@@ -278,9 +277,9 @@ def _worker_main(spec: WorkerSpec, slots: WeightSlots, inbox, outbox, worker_ver
                 worker_version[0] = version
             t0 = time.perf_counter()
             rollout = parts["collect"](step)
-            outbox.put(
-                ("rollout", step, version, pickle.dumps(rollout), waited, time.perf_counter() - t0)
-            )
+            rows = len(rollout.texts)
+            rollout = replace(rollout, versions=torch.full((rows,), version, dtype=torch.int64))
+            outbox.put(("rollout", step, pickle.dumps(rollout), waited, time.perf_counter() - t0))
     except BaseException as err:
         outbox.put(("error", step, traceback.format_exc(), _pickled(err)))
         outbox.close()
