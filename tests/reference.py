@@ -649,9 +649,11 @@ def ref_policy_loss(
     ref_logprobs=None,
     total_tokens=None,
     total_sequences=None,
+    token_weights=None,
     **hparams,
 ):
-    """loss = agg_{mask'}(ℓ_clip(w, Ã)) + β·agg_{mask'}(KL); w by ratio level, Ã = A·f (FIPO), mask' = mask minus dropped rows."""
+    """loss = agg_{mask'}(ω·ℓ_clip(w, Ã)) + β·agg_{mask'}(KL); w by ratio level, Ã = A·f (FIPO),
+    mask' = mask minus dropped rows, ω = ``token_weights`` [B, T] (constants; None = 1)."""
     if name not in POLICY_LOSS_PRESETS:
         raise ValueError(f"unknown policy loss {name!r}")
     cfg = dict(POLICY_LOSS_PRESETS[name])
@@ -725,9 +727,12 @@ def ref_policy_loss(
             if f is not None:
                 a = a * f[i, t]
             w = torch.exp(logw[i, t])
-            row.append(
-                ref_clipped_token_loss(w, a, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip_c"])
+            term = ref_clipped_token_loss(
+                w, a, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip_c"]
             )
+            if token_weights is not None:
+                term = term * float(token_weights[i, t])
+            row.append(term)
         rows.append(row)
     per_token = _stack_matrix(rows)
     loss = ref_aggregate(
@@ -793,30 +798,74 @@ def ref_clipped_value_loss(values, old_values, returns, mask, clip=0.5, agg="tok
 def mismatch_weights_ref(old_logprobs, sampler_logprobs, mask, *, level, mode, cap):
     """Train–inference mismatch weights, one row and token at a time (plain floats).
 
-    token: ρ_t = π_old/μ; sequence: ρ_i = Π_t ρ_t over valid tokens. truncate: min(ρ, C);
-    mask: ρ if ρ ≤ C else 0. Padding gets 0. Computed with math.exp in float64, guarding the
-    sequence product's overflow by comparing logs.
+    token: ρ_t = π_old/μ; sequence: ρ_i = Π_t ρ_t over valid tokens; sequence_mean:
+    ρ_i = (Π_t ρ_t)^(1/n_i), n_i the row's valid tokens. truncate: min(ρ, C); mask: ρ if ρ ≤ C
+    else 0. Padding gets 0. Computed with math.exp in float64, guarding the sequence product's
+    overflow by comparing logs.
     """
     B, T = mask.shape
     out = torch.zeros(B, T, dtype=torch.float64)
     for i in range(B):
-        seq_log = 0.0
+        seq_log, n = 0.0, 0
         for t in range(T):
             if mask[i, t]:
                 seq_log += float(old_logprobs[i, t]) - float(sampler_logprobs[i, t])
+                n += 1
         for t in range(T):
             if not mask[i, t]:
                 continue
-            log_rho = (
-                float(old_logprobs[i, t]) - float(sampler_logprobs[i, t])
-                if level == "token"
-                else seq_log
-            )
+            if level == "token":
+                log_rho = float(old_logprobs[i, t]) - float(sampler_logprobs[i, t])
+            elif level == "sequence":
+                log_rho = seq_log
+            else:
+                log_rho = seq_log / n
             if log_rho > math.log(cap):
                 out[i, t] = cap if mode == "truncate" else 0.0
             else:
                 out[i, t] = math.exp(log_rho)
     return out
+
+
+def ref_decoupled_policy_loss(
+    name,
+    logp,
+    prox,
+    behaviour,
+    adv,
+    mask,
+    *,
+    correction="truncate",
+    level=None,
+    cap=2.0,
+    ref_logprobs=None,
+    total_tokens=None,
+    total_sequences=None,
+    **hparams,
+):
+    """The three-policy loss: ref_policy_loss against π_prox with ω = trunc/mask(π_prox/μ).
+
+    The default level matches the ratio: per token for token ratios, the length-normalised
+    sequence ratio (π_prox/μ)^(1/|y|) for GSPO and GSPO-token. correction="none": ω = 1.
+    """
+    weights = None
+    if correction != "none":
+        if level is None:
+            ratio_level = hparams.get("ratio_level", POLICY_LOSS_PRESETS[name]["ratio_level"])
+            level = "token" if ratio_level == "token" else "sequence_mean"
+        weights = mismatch_weights_ref(prox, behaviour, mask, level=level, mode=correction, cap=cap)
+    return ref_policy_loss(
+        name,
+        logp,
+        prox,
+        adv,
+        mask,
+        ref_logprobs=ref_logprobs,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        token_weights=weights,
+        **hparams,
+    )
 
 
 def ref_routing_churn(old, new, valid):

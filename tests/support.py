@@ -115,3 +115,22 @@ class LocalHub:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
+
+
+# Reward terms that fail inside a rollout worker (tests/train/test_async.py).
+class WorkerBoom(BaseException):
+    """Not an Exception: passes through the reward-term guard like an interpreter-level error."""
+
+
+def reward_that_raises(completion: str, example) -> float:
+    return 1 / 0
+
+
+def reward_that_escapes(completion: str, example) -> float:
+    raise WorkerBoom("escaped from a reward term")
+
+
+def reward_that_exits(completion: str, example) -> float:
+    import os
+
+    os._exit(7)

@@ -22,7 +22,28 @@ def test_mismatch_keys_are_validated_with_their_options():
         load_config(None, ["algo.mismatch.cap=0"])
     with pytest.raises(ConfigError, match=r"did you mean 'algo\.mismatch\.cap'"):
         load_config(None, ["algo.mismatch.cpa=2"])
-    assert load_config(None).algo.mismatch.correction == "none"  # off unless asked for
+    default = load_config(None)
+    assert default.algo.mismatch.correction == "auto"
+    assert default.resolved_mismatch().correction == "none"  # off unless asked for, or async
+
+
+def test_auto_mismatch_correction_turns_on_with_stale_samples_at_the_matching_level():
+    def resolved(*overrides):
+        m = load_config(None, list(overrides)).resolved_mismatch()
+        return m.correction, m.level
+
+    assert resolved() == ("none", "token")
+    assert resolved("rollout.max_staleness=1") == ("truncate", "sequence_mean")  # GSPO
+    assert resolved("preset=gspo_token", "rollout.max_staleness=2") == ("truncate", "sequence_mean")
+    assert resolved("preset=dapo", "rollout.max_staleness=1") == ("truncate", "token")
+    assert resolved("preset=dapo", "rollout.max_staleness=1", "algo.mismatch.correction=none",
+                    "algo.mismatch.level=sequence") == ("none", "sequence")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rollout\.max_staleness"):
+        load_config(None, ["rollout.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="cannot sample ahead"):
+        load_config(None, ["rollout.max_staleness=1", "rollout.engine=vllm"])
+    cfg = load_config(None, ["rollout.max_staleness=1", "rollout.old_logprobs_source=sampler"])
+    assert any("centred on the stale policy" in w for w in validate_warnings(cfg))
 
 
 def test_a_correction_with_sampler_logprobs_warns_that_it_does_nothing():

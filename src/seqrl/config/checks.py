@@ -71,6 +71,18 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "rollout.old_logprobs_source=recompute (algo.mismatch can then correct for the "
             "nucleus), or rollout.top_p=1"
         )
+    if cfg.rollout.max_staleness and cfg.rollout.engine == "vllm":
+        problems.append(
+            "rollout.max_staleness >= 1 runs the rollout worker with rollout.engine=hf or fast; "
+            "the vLLM engine is colocated in the trainer's process and cannot sample ahead yet: "
+            "set rollout.engine=hf, or rollout.max_staleness=0"
+        )
+    if cfg.rollout.max_staleness and cfg.dist.strategy == "fsdp":
+        problems.append(
+            "rollout.max_staleness >= 1 with dist.strategy=fsdp: the rollout worker needs the "
+            "full weights of every version, which sharded training does not gather for it yet; "
+            "use dist.strategy=replicate, or rollout.max_staleness=0"
+        )
     if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
         problems.append(
             "moe.routing_replay records the old policy's routing while it recomputes the old "
@@ -314,7 +326,17 @@ def validate_warnings(cfg: RunConfig) -> list[str]:
             "baselined and any overlong penalty or extra term enters A as it is; the paper's "
             "reward is the 0/1 outcome (reward.incorrect=0, no shaping)"
         )
-    if cfg.algo.mismatch.correction != "none" and cfg.rollout.old_logprobs_source == "sampler":
+    stale = cfg.rollout.max_staleness
+    if stale and cfg.rollout.old_logprobs_source == "sampler":
+        out.append(
+            f"rollout.max_staleness={stale} with rollout.old_logprobs_source='sampler': π_old is "
+            "then the rollout worker's μ, up to that many steps old, so the clip is centred on the "
+            "stale policy and algo.mismatch cannot correct anything; keep "
+            "old_logprobs_source=recompute (π_old = the trainer's policy when the step begins)"
+        )
+    elif cfg.algo.mismatch.correction not in ("none", "auto") and (
+        cfg.rollout.old_logprobs_source == "sampler"
+    ):
         out.append(
             f"algo.mismatch.correction={cfg.algo.mismatch.correction!r} with "
             "rollout.old_logprobs_source='sampler': π_old is then the sampler's μ, the mismatch "

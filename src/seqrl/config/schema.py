@@ -38,6 +38,7 @@ from seqrl.core.losses import (
     POLICY_LOSSES,
     PolicyLossConfig,
     _closest,
+    behaviour_level,
     resolve_policy_loss_config,
 )
 from seqrl.tasks.rewards import MAX_ABS_REWARD
@@ -177,6 +178,11 @@ class RolloutConfig(_Section):
     dynamic_sampling: bool = False
     gen_batch_prompts: int | None = Field(None, ge=1)  # prompts per generation batch; None = P
     max_gen_batches: int = Field(10, ge=1)
+    # Asynchronous rollouts (seqrl.train.rollout_worker): with k ≥ 1 a worker process samples the
+    # batches of steps t+1 … t+k while the trainer updates on step t. Step t trains on samples
+    # from exactly the policy of k steps earlier (deterministic: same seed, same run); the loss
+    # corrects for their age with algo.mismatch (auto: truncated IS). 0 = synchronous.
+    max_staleness: int = Field(0, ge=0)
 
 
 class _LossOverridesBase(_Section):
@@ -241,14 +247,18 @@ class RewardConfig(_Section):
 
 
 class MismatchConfig(_Section):
-    """Train–inference mismatch correction (seqrl.core.mismatch): weights on π_old/μ per token.
+    """Correction of π_old/μ (seqrl.core.decoupled_policy_loss): the train–inference mismatch,
+    and with ``rollout.max_staleness`` ≥ 1 the samples' age as well.
 
-    correction: none | truncate (w = min(ρ, C), TIS) | mask (w = ρ·1[ρ ≤ C]); level: ρ per
-    token or per sequence (the product over the response); cap: C.
+    correction: none | truncate (w = min(ρ, C), TIS) | mask (w = ρ·1[ρ ≤ C]); auto = none when
+    synchronous, truncate with rollout.max_staleness ≥ 1. level: ρ per token, per sequence (the
+    product over the response) or sequence_mean (its length-normalised geometric mean); auto =
+    token when synchronous, and with rollout.max_staleness ≥ 1 the level of the loss's ratio
+    (sequence_mean for GSPO and GSPO-token, token otherwise). cap: C.
     """
 
-    correction: Literal["none", "truncate", "mask"] = "none"
-    level: Literal["token", "sequence"] = "token"
+    correction: Literal["none", "truncate", "mask", "auto"] = "auto"
+    level: Literal["token", "sequence", "sequence_mean", "auto"] = "auto"
     cap: float = Field(2.0, gt=0)
 
 
@@ -435,6 +445,15 @@ class RunConfig(_Section):
     def resolved_loss(self) -> PolicyLossConfig:
         """The core loss preset ``algo.name`` with :meth:`loss_overrides` applied."""
         return resolve_policy_loss_config(self.algo.name, **self.loss_overrides())
+
+    def resolved_mismatch(self) -> MismatchConfig:
+        """``algo.mismatch`` with ``auto`` resolved (see :class:`MismatchConfig`)."""
+        m, stale = self.algo.mismatch, self.rollout.max_staleness > 0
+        correction = m.correction if m.correction != "auto" else ("truncate" if stale else "none")
+        level = m.level
+        if level == "auto":
+            level = behaviour_level(self.resolved_loss().ratio_level) if stale else "token"
+        return MismatchConfig(correction=correction, level=level, cap=m.cap)
 
     def loss_overrides(self) -> dict[str, Any]:
         """``policy_loss`` keyword arguments: FIPO_PRESETS[algo.fipo_preset], then algo.loss."""

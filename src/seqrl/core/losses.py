@@ -11,6 +11,10 @@ few independent choices, and each algorithm name is a preset of them (:data:`POL
 - KL to a reference in the loss, ``loss += kl_coef · agg(k(logp, ref_logprobs))``;
 - FIPO's detached future-KL influence weights on the advantage, plus its sequence-drop rule.
 
+:func:`decoupled_policy_loss` is the same loss with three policies (stale samples from an
+asynchronous rollout worker): the clip acts on π_θ / π_prox and a truncated importance weight
+corrects for π_prox / μ.
+
 All inputs are [B, T] (``advantages`` may be [B]); the loss is minimised (loss = −J).
 """
 
@@ -30,6 +34,7 @@ from seqrl.core.advantages import broadcast_to_tokens
 from seqrl.core.fipo import dual_clip_drop_mask, influence_weights
 from seqrl.core.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 from seqrl.core.masks import check_mask, masked_extreme, masked_mean
+from seqrl.core.mismatch import MismatchLevel, mismatch_log_ratio, mismatch_weights
 from seqrl.core.ratios import (
     clip_masks,
     clipped_surrogate,
@@ -410,6 +415,88 @@ def clipped_policy_loss(
     return LossOutput(
         loss=loss, metrics={k: v.detach() for k, v in metrics.items()}, denominator=denominator
     )
+
+
+def behaviour_level(ratio_level: str) -> MismatchLevel:
+    """The level of the π_prox / μ correction that matches a loss's ratio level.
+
+    token ratios (PPO, GRPO, DAPO, …) → ``token``; GSPO's and GSPO-token's sequence ratio →
+    ``sequence_mean``, the same length-normalised ratio the clip acts on.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    return "token" if ratio_level == "token" else "sequence_mean"
+
+
+def decoupled_policy_loss(
+    cfg: PolicyLossConfig,
+    *,
+    logprobs: Tensor,
+    prox_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    correction: Literal["none", "truncate", "mask"] = "truncate",
+    level: MismatchLevel | None = None,
+    cap: float = 2.0,
+    ref_logprobs: Tensor | None = None,
+    total_tokens: Tensor | float | None = None,
+    total_sequences: Tensor | float | None = None,
+    defer_normalizer: bool = False,
+) -> LossOutput:
+    """The three-policy (decoupled) clipped loss for samples drawn from an older policy.
+
+    μ (``behaviour_logprobs``) sampled the tokens (an asynchronous rollout worker's weights,
+    k versions old); π_prox (``prox_logprobs``) is the trainer's policy when the step began,
+    recomputed; π_θ (``logprobs``) is being optimised. The clip keeps π_θ near π_prox, and a
+    detached importance weight moves the expectation from μ to π_prox
+    (Hilton et al. 2022, arXiv 2110.00641; AReaL, arXiv 2505.24298):
+
+        w     = π_θ / π_prox at the loss's ratio level (token, GSPO's s_i, GSPO-token)
+        ρ     = π_prox / μ at ``level`` (default :func:`behaviour_level`: per token for token
+                ratios; per sequence, length-normalised, for GSPO:
+                ρ_i = exp((1/|y_i|) Σ_t (log π_prox − log μ)))
+        ω     = min(ρ, C) (truncate) or ρ · 1[ρ ≤ C] (mask), detached;  ω ≡ 1 for "none"
+        ℓ_t   = max(−Ã w, −Ã clip(w, 1 − ε_low, 1 + ε_high))  (+ dual clip), Ã = Â · f
+        loss  = agg(ω ⊙ ℓ) + β · agg(k(logp, ref))
+
+    FIPO's future-KL (hence f and its drop rule) is taken on log π_θ − log π_prox: the drift of
+    this update from where it started, which it controls, not the samples' age, which ω handles.
+    With μ = π_prox (synchronous, no train–inference gap) ρ = 1, ω = 1 and the loss is
+    :func:`clipped_policy_loss` exactly. All log-prob tensors [B, T]; ``advantages`` [B] or
+    [B, T]; the normaliser arguments as in :func:`clipped_policy_loss`. Metrics: those of
+    :func:`clipped_policy_loss`, plus with a correction ``mismatch/weight_mean`` (mean ω over
+    tokens) and ``mismatch/weight_capped_frac`` (tokens whose ρ, at ``level``, exceeds C).
+    """
+    if correction not in ("none", "truncate", "mask"):
+        raise ValueError(f"correction must be none, truncate or mask, got {correction!r}")
+    weights = None  # [B, T]
+    level = level or behaviour_level(cfg.ratio_level)
+    if correction != "none":
+        weights = mismatch_weights(
+            prox_logprobs, behaviour_logprobs, mask, level=level, mode=correction, cap=cap
+        )
+    out = clipped_policy_loss(
+        cfg,
+        logprobs=logprobs,
+        old_logprobs=prox_logprobs,
+        advantages=advantages,
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        total_tokens=total_tokens,
+        total_sequences=total_sequences,
+        is_weights=weights,
+        defer_normalizer=defer_normalizer,
+    )
+    if weights is not None:
+        with torch.no_grad():
+            log_rho = mismatch_log_ratio(prox_logprobs, behaviour_logprobs, mask, level=level)
+            if level != "token":
+                log_rho = log_rho[:, None].expand_as(mask)  # [B, T]
+            capped = (log_rho > math.log(cap)).to(weights.dtype)  # ρ > C: truncated or masked
+            out.metrics["mismatch/weight_mean"] = masked_mean(weights, mask)
+            out.metrics["mismatch/weight_capped_frac"] = masked_mean(capped, mask)
+    return out
 
 
 def _local_normalizer(agg: str, mask: Tensor) -> Tensor:

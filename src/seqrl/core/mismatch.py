@@ -7,11 +7,18 @@ ratios are kept apart:
     staleness  w_t = π_θ(y_t) / π_old(y_t)     what PPO-style clipping acts on (policy/ratio_*)
     mismatch   ρ_t = π_old(y_t) / μ(y_t)       what this module measures and corrects (mismatch/*)
 
+With asynchronous rollouts μ is also an older policy (the rollout worker's weights, a few
+versions behind), and π_old is the proximal policy π_prox of the three-policy loss
+(:func:`seqrl.core.decoupled_policy_loss`); ρ then carries the staleness of the samples as well
+as the engines' numerical gap.
+
 The correction multiplies each token's policy-loss term by a detached weight (truncated or
 masked importance sampling; verl ``rollout_is``, TRL ``vllm_importance_sampling_*``):
 
-    level   token:     ρ_{i,t} = exp(log π_old − log μ)
-            sequence:  ρ_i = exp(Σ_t (log π_old − log μ)) = Π_t ρ_{i,t}, broadcast over the row
+    level   token:          ρ_{i,t} = exp(log π_old − log μ)
+            sequence:       ρ_i = exp(Σ_t (log π_old − log μ)) = Π_t ρ_{i,t}, broadcast over the row
+            sequence_mean:  ρ_i = exp((1/|y_i|) Σ_t (log π_old − log μ)) = (Π_t ρ_{i,t})^(1/|y_i|),
+                            the length-normalised (geometric-mean) ratio GSPO clips, broadcast
     mode    truncate:  w = min(ρ, C)                     (TIS)
             mask:      w = ρ · 1[ρ ≤ C]                  (masked IS: over-cap tokens or rows get 0)
 
@@ -29,23 +36,28 @@ from torch import Tensor
 
 from seqrl.core.masks import check_mask, masked_extreme, masked_mean, masked_sum
 
-MismatchLevel = Literal["token", "sequence"]
+MismatchLevel = Literal["token", "sequence", "sequence_mean"]
 MismatchMode = Literal["truncate", "mask"]
-MISMATCH_LEVELS: tuple[str, ...] = ("token", "sequence")
+MISMATCH_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_mean")
 MISMATCH_MODES: tuple[str, ...] = ("truncate", "mask")
 
 
 def mismatch_log_ratio(
     old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *, level: MismatchLevel = "token"
 ) -> Tensor:
-    """log ρ: token level [B, T] (0 on padding) or sequence level Σ_t log ρ_{i,t} [B]."""
+    """log ρ: token level [B, T] (0 on padding); sequence level Σ_t log ρ_{i,t} [B];
+    sequence_mean level (1/|y_i|) Σ_t log ρ_{i,t} [B] (0 for an empty row)."""
     check_mask(mask, old_logprobs)
     if level not in MISMATCH_LEVELS:
         raise ValueError(f"mismatch level must be one of {MISMATCH_LEVELS}, got {level!r}")
     log_rho = torch.where(
         mask, old_logprobs.detach() - sampler_logprobs.detach(), torch.zeros_like(old_logprobs)
     )  # [B, T]
-    return log_rho if level == "token" else masked_sum(log_rho, mask, dim=-1)  # [B, T] | [B]
+    if level == "token":
+        return log_rho
+    if level == "sequence":
+        return masked_sum(log_rho, mask, dim=-1)  # [B]
+    return masked_mean(log_rho, mask, dim=-1)  # [B]
 
 
 def mismatch_weights(
@@ -59,15 +71,16 @@ def mismatch_weights(
 ) -> Tensor:
     """Detached importance weights w [B, T] for the policy-loss terms (0 on padding).
 
-    truncate: w = min(ρ, C); mask: w = ρ · 1[ρ ≤ C]; ρ per token or per sequence (see the
-    module docstring). old_logprobs, sampler_logprobs, mask: [B, T].
+    truncate: w = min(ρ, C); mask: w = ρ · 1[ρ ≤ C]; ρ per token, per sequence or per
+    length-normalised sequence (see the module docstring). old_logprobs, sampler_logprobs,
+    mask: [B, T].
     """
     if mode not in MISMATCH_MODES:
         raise ValueError(f"mismatch mode must be one of {MISMATCH_MODES}, got {mode!r}")
     if not cap > 0:
         raise ValueError(f"the mismatch cap C must be > 0, got {cap}")
     log_rho = mismatch_log_ratio(old_logprobs, sampler_logprobs, mask, level=level)
-    if level == "sequence":
+    if level != "token":
         log_rho = log_rho[:, None].expand_as(mask)  # [B, T]
     log_cap = math.log(cap)
     if mode == "truncate":

@@ -1,6 +1,7 @@
 """The training loop, one module per concern (imports point down this list, never up):
 
 trainer.py     Trainer: fit, one RL step (train_step), evaluate, checkpoints and resume
+rollout_worker.py  asynchronous rollouts: the worker process, its shared-memory weight slots
 builders.py    config → policy, reference, critic, LoRA, sampler, optimisers, schedules, data
 rebalance.py   dynamic sampling over several processes: kept groups rebalanced
 sampling.py    the data side of a step: prompt order, rollout, scores, reward shaping, filters

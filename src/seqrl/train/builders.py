@@ -392,7 +392,7 @@ def sampling_settings(cfg: RunConfig, task, max_new_tokens: int) -> SamplingSett
 
 def update_settings(cfg: RunConfig) -> UpdateSettings:
     """What the policy update needs; the loss is resolved here, once per run."""
-    a, m = cfg.algo, cfg.algo.mismatch
+    a, m = cfg.algo, cfg.resolved_mismatch()
     return UpdateSettings(
         loss_name=a.name,
         loss_overrides=cfg.loss_overrides(),

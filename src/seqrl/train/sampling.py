@@ -63,6 +63,7 @@ class StepRollout:
     terms: Tensor | None = None  # [n_terms, P'·G] weighted extra reward terms
     greedy_rewards: Tensor | None = None  # [P'] ReMax's baseline: the greedy responses' rewards
     scores: Tensor | None = None  # [P'·G] the verifier's values (correct = score > 0)
+    versions: Tensor | None = None  # [P'·G] policy version that sampled each row (async rollouts)
 
 
 def stream_seed(*parts: int) -> int:
@@ -361,6 +362,46 @@ def collect_rollout(
         if n_kept >= P:
             break
     return _step_rollout(kept, seen, s, P, n_dropped, tokenizer.pad_token_id)
+
+
+def collect_step(
+    sampler,
+    tokenizer,
+    task,
+    prompts: PromptOrder,
+    s: SamplingSettings,
+    step: int,
+    *,
+    greedy_baseline_too: bool = False,
+) -> StepRollout:
+    """Step ``step``'s rollout from its prompts and streams; with ReMax's greedy baseline.
+
+    The same function samples in the trainer (synchronous) and in the rollout worker
+    (:mod:`seqrl.train.rollout_worker`): a step's batch depends on the step number and the
+    sampler's weights only.
+    """
+    rollout = collect_rollout(
+        sampler,
+        tokenizer,
+        task,
+        prompts.step_examples(step),
+        prompts.side_examples(step),
+        s,
+        seeds_for=prompts.seeds_for(step),
+    )
+    return (
+        with_greedy_baseline(rollout, sampler, tokenizer, task, s)
+        if greedy_baseline_too
+        else rollout
+    )
+
+
+def with_greedy_baseline(rollout: StepRollout, sampler, tokenizer, task, s) -> StepRollout:
+    """``rollout`` with ReMax's baseline: the reward of each kept prompt's greedy response."""
+    if not rollout.examples:
+        return rollout
+    greedy = greedy_baseline(sampler, tokenizer, task, rollout.examples, s)
+    return dataclasses.replace(rollout, greedy_rewards=greedy)
 
 
 def _step_rollout(

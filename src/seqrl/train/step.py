@@ -47,9 +47,9 @@ class UpdateSettings:
     micro_batch_size: int
     grad_clip: float | None  # None: no clipping (the norm is still measured)
     temperature: float
-    # train–inference mismatch correction (seqrl.core.mismatch): none | truncate | mask
+    # correction of π_old / μ (seqrl.core.decoupled_policy_loss): none | truncate | mask
     mismatch_correction: str = "none"
-    mismatch_level: str = "token"  # token | sequence
+    mismatch_level: str = "token"  # token | sequence | sequence_mean
     mismatch_cap: float = 2.0  # C
     shared_prefix: bool = False  # one prompt forward per group (see shared_prefix_logits)
     loss: PolicyLossConfig = dataclasses.field(init=False, repr=False, compare=False)
@@ -182,7 +182,9 @@ def micro_batch_loss(
 
     π_θ from a forward with gradient; π_old is ``old_logprobs`` (None: the forward itself,
     detached); with a mismatch correction the tokens are weighted by π_old / μ (truncated or
-    masked). Adds ``mismatch/*`` and ``policy/entropy`` to the loss's metrics.
+    masked): the three-policy loss :func:`seqrl.core.decoupled_policy_loss`, where μ is the
+    sampler's log-probs (with asynchronous rollouts, the worker's older policy) and π_old the
+    proximal policy. Adds ``mismatch/*`` and ``policy/entropy`` to the loss's metrics.
     """
     s = settings
     mask = batch.response_mask[micro]  # [b, T]
@@ -195,33 +197,24 @@ def micro_batch_loss(
         routing=routing,
         shared_prefix=s.shared_prefix,
     )
-    old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
-    sampler_lp = batch.sampler_logprobs[micro]
-    correct = s.mismatch_correction != "none"
-    is_weights = None  # [b, T]
-    if correct:
-        is_weights = C.mismatch_weights(
-            old,
-            sampler_lp,
-            mask,
-            level=s.mismatch_level,
-            mode=s.mismatch_correction,
-            cap=s.mismatch_cap,
-        )
-    out = C.clipped_policy_loss(
+    old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]  # π_old = π_prox
+    sampler_lp = batch.sampler_logprobs[micro]  # μ: the sampler's (or rollout worker's)
+    out = C.decoupled_policy_loss(
         s.loss,
         logprobs=logprobs,
-        old_logprobs=old,
+        prox_logprobs=old,
+        behaviour_logprobs=sampler_lp,
         advantages=advantages[micro],
         mask=mask,
+        correction=s.mismatch_correction,
+        level=s.mismatch_level,
+        cap=s.mismatch_cap,
         ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
         total_tokens=total_tokens,
         total_sequences=total_sequences,
-        is_weights=is_weights,
         defer_normalizer=True,  # FIPO's drop rule: divided once the whole minibatch is seen
     )
+    correct = s.mismatch_correction != "none"
     extra = C.mismatch_metrics(old, sampler_lp, mask, cap=s.mismatch_cap if correct else None)
-    if is_weights is not None:
-        extra["mismatch/weight_mean"] = C.masked_mean(is_weights, mask)
     extra["policy/entropy"] = C.masked_mean(entropy, mask)
     return dataclasses.replace(out, metrics=out.metrics | extra)

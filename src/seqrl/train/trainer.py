@@ -21,7 +21,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,15 +50,16 @@ from seqrl.train.dist import DistInfo, init_from_env, reduce_metrics, shard_boun
 from seqrl.train.forward import batch_logprobs
 from seqrl.train.metrics import RunLogger, truncate_jsonl
 from seqrl.train.rebalance import collect_rollout_rebalanced
+from seqrl.train.rollout_worker import RolloutWorker, WorkerSpec
 from seqrl.train.rundir import RunDirError, claim_run_dir, describe_os_error
 from seqrl.train.sampling import (
     PromptOrder,
     StepRollout,
-    collect_rollout,
-    greedy_baseline,
+    collect_step,
     rollout_metrics,
     score_rollout,
     stream_seed,
+    with_greedy_baseline,
 )
 from seqrl.train.shutdown import StopRequest, exit_code
 from seqrl.train.step import compute_advantages, update_policy
@@ -173,6 +174,10 @@ class Trainer:
         )
         self.state = TrainState()
         self.logger: RunLogger | None = None
+        # rollout.max_staleness = k ≥ 1: a worker process samples ahead (None: sample here)
+        self.async_staleness: int | None = cfg.rollout.max_staleness or None
+        self._worker: RolloutWorker | None = None
+        self._restored_versions: dict = {}  # older policy versions from a checkpoint
 
     def _claim_run_dir(self, run_dir: Path | None, *, overwrite: bool, resume: bool) -> None:
         """Rank 0 creates (or reopens) and locks the run directory; every rank learns its path
@@ -199,7 +204,11 @@ class Trainer:
             raise RunDirError(refused)
 
     def close(self) -> None:
-        """Release the run directory (its lock); a directory nothing was written to is removed."""
+        """Stop the rollout worker, if one runs, and release the run directory (its lock; a
+        directory nothing was written to is removed). ``fit`` does this when it returns or fails."""
+        if getattr(self, "_worker", None) is not None:
+            self._worker.close()
+            self._worker = None
         if self._run is not None:
             self._run.release()
 
@@ -219,6 +228,8 @@ class Trainer:
             step, batch, advantages, old_logprobs, ref_logprobs, routing
         )
         self.advance_schedule()
+        if self._worker is not None:
+            self._worker.publish(step)  # version `step` of the weights, for step step + 1 + k
         t_step = time.perf_counter() - t0
 
         metrics = {
@@ -239,38 +250,59 @@ class Trainer:
         return metrics
 
     def collect(self, step: int) -> StepRollout:
-        """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline."""
-        if self.dist.active and self.sampling_settings.dynamic:  # kept groups rebalanced
-            every = PromptOrder(
-                self.train_examples, prompts_per_step=self.prompts.P, seed=self.cfg.seed
-            )
-            rollout = collect_rollout_rebalanced(
+        """The step's rollout (``seqrl.train.sampling``), with ReMax's greedy baseline.
+
+        With ``rollout.max_staleness`` = k ≥ 1 the rollout worker sampled it, with the policy
+        of step max(0, t − 1 − k) (:mod:`seqrl.train.rollout_worker`). With dynamic sampling
+        under ``torchrun`` the kept groups are rebalanced between the processes
+        (:mod:`seqrl.train.rebalance`).
+        """
+        remax = self.cfg.algo.advantage == "remax"
+        if self.async_staleness is not None:
+            return self._rollout_worker().take(step)
+        if not (self.dist.active and self.sampling_settings.dynamic):
+            return collect_step(
                 self.sampler,
                 self.tokenizer,
                 self.task,
-                every.step_examples(step),
-                every.side_examples(step),
+                self.prompts,
                 self.sampling_settings,
-                every.seeds_for(step),
-                self.dist,
-                self.device,
+                step,
+                greedy_baseline_too=remax,
             )
-        else:
-            rollout = collect_rollout(
-                self.sampler,
-                self.tokenizer,
-                self.task,
-                self.prompts.step_examples(step),
-                self.prompts.side_examples(step),
-                self.sampling_settings,
-                seeds_for=self.prompts.seeds_for(step),
+        every = PromptOrder(
+            self.train_examples, prompts_per_step=self.prompts.P, seed=self.cfg.seed
+        )
+        rollout = collect_rollout_rebalanced(
+            self.sampler,
+            self.tokenizer,
+            self.task,
+            every.step_examples(step),
+            every.side_examples(step),
+            self.sampling_settings,
+            every.seeds_for(step),
+            self.dist,
+            self.device,
+        )
+        if not remax:
+            return rollout
+        s = self.sampling_settings
+        return with_greedy_baseline(rollout, self.sampler, self.tokenizer, self.task, s)
+
+    def _rollout_worker(self) -> RolloutWorker:
+        """The rollout worker, started on first use with the versions it needs."""
+        if self._worker is None:
+            spec = WorkerSpec(
+                cfg=self.cfg,
+                dist=self.dist,
+                device=str(self.device),
+                run_dir=str(self.run_dir),
+                first_step=self.state.step + 1,
+                last_step=self.cfg.train.steps,
+                max_staleness=self.async_staleness,
             )
-        if self.cfg.algo.advantage == "remax" and rollout.examples:
-            greedy = greedy_baseline(
-                self.sampler, self.tokenizer, self.task, rollout.examples, self.sampling_settings
-            )
-            rollout = replace(rollout, greedy_rewards=greedy)
-        return rollout
+            self._worker = RolloutWorker(spec, self.model, self._restored_versions)
+        return self._worker
 
     def advantages(
         self, step: int, rollout: StepRollout, kl_penalty: Tensor | None = None
@@ -527,6 +559,8 @@ class Trainer:
                     tensorboard=cfg.log.tensorboard,
                     trackers=B.build_trackers(cfg, self.run_dir, self.dist),  # wandb, MLflow
                 )
+            if self.async_staleness is not None and self.state.step < cfg.train.steps:
+                self._rollout_worker()  # starts while the first evaluation runs
             with StopRequest(self._on_stop_signal, repeats_exit=not self.dist.active) as stop:
                 if fresh:
                     self._eval_and_log(0)
@@ -759,6 +793,7 @@ class Trainer:
                 self.critic.load_state_dict(c.state["critic"])
         self.scheduler.load_state_dict(c.state["scheduler"])
         self.state = TrainState(**c.state["trainer"])
+        self._restored_versions = c.state.get("rollout_versions", {})
         ckpt.set_rng_state(c.state["rng"])
         self.sampler.sync_weights()
         self._saved_step = c.step
@@ -787,6 +822,12 @@ class Trainer:
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
+        if self.async_staleness is not None:  # the versions that sample the next k steps
+            state["rollout_versions"] = (
+                self._worker.saved_versions(self.state.step)
+                if self._worker is not None
+                else self._restored_versions
+            )
         with self._writing(f"checkpoint step-{self.state.step}"):
             ckpt.save_checkpoint(
                 self.run_dir / "checkpoints",
