@@ -242,6 +242,8 @@ def term_rewards(
         )
 
     def record(i: int, j: int, value: object, err: BaseException | None) -> None:
+        if err is not None and not isinstance(err, Exception):
+            raise err  # KeyboardInterrupt, SystemExit, ...: as if the term ran in this thread
         if err is not None:
             raise fail(i, j, f"{type(err).__name__}: {err}{_signal_hint(err)}") from err
         try:
