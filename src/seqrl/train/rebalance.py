@@ -21,13 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-import seqrl.core as C
 from seqrl.train.dist import DistInfo, gather_list, uneven_bounds
 from seqrl.train.sampling import (
     SamplingSettings,
     ScoredGroups,
     StepRollout,
-    _step_rollout,
+    collect_rollout,
     concat_rollouts,
     generate_scored,
     select_groups,
@@ -51,36 +50,19 @@ def collect_rollout_rebalanced(
     the sampling seed of each prompt slot of the step (step prompt i is slot i, side prompt k
     is slot P + k), as in one process. The batch is returned on ``device``.
     """
-    P, G = len(step_examples), s.group_size
-    per_batch = s.gen_batch_prompts or P
-    seen: list[ScoredGroups] = []  # every generation batch, all processes' groups
-    kept: list[ScoredGroups] = []
-    n_kept, n_dropped, side_used = 0, 0, 0
-    while len(seen) < s.max_gen_batches:
-        examples = list(step_examples) if not seen else []
-        slots = list(range(len(examples)))
-        extra = per_batch - len(examples)
-        if extra > 0:
-            examples += side_examples(side_used, extra)
-            slots += [P + side_used + k for k in range(extra)]
-            side_used += extra
+
+    def generate(examples: list, slots: list[int]) -> ScoredGroups:
+        """This process scores its share of the generation batch; every process gets all."""
         lo, hi = uneven_bounds(len(examples), dist)
         mine = None  # fewer prompts than processes: this one has none
         if hi > lo:
-            mine = generate_scored(
-                sampler, tokenizer, task, examples[lo:hi], s, seeds_for(slots[lo:hi])
-            )
-        part = gather_groups(mine, dist, tokenizer.pad_token_id, device)
-        seen.append(part)
-        keep = C.mixed_group_mask(part.correct, G)  # [n]
-        n_dropped += int((~keep).sum())
-        take = keep & (keep.cumsum(0) <= P - n_kept)  # never more than P groups in all
-        if take.any():
-            kept.append(part if take.all() else part.select(take))
-        n_kept += int(take.sum())
-        if n_kept >= P:
-            break
-    whole = _step_rollout(kept, seen, s, P, n_dropped, tokenizer.pad_token_id)
+            seeds = seeds_for(slots[lo:hi])
+            mine = generate_scored(sampler, tokenizer, task, examples[lo:hi], s, seeds)
+        return gather_groups(mine, dist, tokenizer.pad_token_id, device)
+
+    whole = collect_rollout(
+        sampler, tokenizer, task, step_examples, side_examples, s, seeds_for, generate=generate
+    )
     return share(whole, dist)
 
 

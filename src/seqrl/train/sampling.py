@@ -324,6 +324,8 @@ def collect_rollout(
     side_examples: Callable[[int, int], list],
     s: SamplingSettings,
     seeds_for: Callable[[list[int]], list[int]] | None = None,
+    *,
+    generate: Callable[[list, list[int]], ScoredGroups] | None = None,
 ) -> StepRollout:
     """Generate, score and (with dynamic sampling) filter the groups of one step.
 
@@ -331,7 +333,15 @@ def collect_rollout(
     prompts ``start … start + count − 1`` of the step's side stream. ``seeds_for(slots)``
     gives the sampling seed of each prompt slot (step prompt i is slot i, side prompt k is
     slot P + k), so every group draws from its own random stream; None uses torch's global one.
+    ``generate(examples, slots)`` makes one scored generation batch (default: here, with
+    :func:`generate_scored`; :mod:`seqrl.train.rebalance` shares it between processes).
     """
+    if generate is None:
+
+        def generate(examples: list, slots: list[int]) -> ScoredGroups:
+            seeds = None if seeds_for is None else seeds_for(slots)
+            return generate_scored(sampler, tokenizer, task, examples, s, seeds)
+
     P = len(step_examples)
     per_batch = (s.gen_batch_prompts or P) if s.dynamic else P
     seen: list[ScoredGroups] = []  # every generation batch
@@ -345,8 +355,7 @@ def collect_rollout(
             examples += side_examples(side_used, extra)
             slots += [P + side_used + k for k in range(extra)]
             side_used += extra
-        seeds = None if seeds_for is None else seeds_for(slots)
-        part = generate_scored(sampler, tokenizer, task, examples, s, seeds)
+        part = generate(examples, slots)
         seen.append(part)
         if s.dynamic:
             keep = C.mixed_group_mask(part.correct, part.batch.group_size)  # [n]
