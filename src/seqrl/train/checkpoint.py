@@ -99,15 +99,20 @@ def save_checkpoint(
     except BaseException:  # a full disk, or a second Ctrl-C: give the space back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(tmp, final, keep)
+    remove_temporaries(root)
+    return final
+
+
+def _publish(tmp: Path, final: Path, keep: int) -> None:
+    """Rename a complete temporary folder into place, then prune to the newest ``keep``."""
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(final.parent)
     if keep > 0:
-        for old in complete_checkpoints(root)[:-keep]:
+        for old in complete_checkpoints(final.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    remove_temporaries(root)
-    return final
 
 
 @contextmanager
@@ -241,13 +246,7 @@ def save_sharded_checkpoint(
         _fsync_dir(tmp / SHARDED)
         (tmp / MARKER).write_text(f"{step}\n")
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if keep > 0:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, keep)
     dist.barrier()  # no process moves on (or saves again) before the checkpoint is in place
     return final
 
