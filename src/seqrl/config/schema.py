@@ -213,9 +213,16 @@ class AlgoConfig(_Section):
     num_minibatches: int = Field(4, ge=1)  # optimiser steps per rollout batch (per epoch)
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
-    # run each group's shared prompt once per micro-batch and the G responses on its KV cache
-    # (same log-probs up to float rounding; seqrl.train.forward.shared_prefix_logits)
+    # cut micro-batches by real tokens instead (rows sorted by length, at most this many tokens
+    # per forward/backward; a longer row goes alone); None = micro_batch_size rows each
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    # the forward layouts a micro-batch may use; each forward takes the allowed one that runs
+    # the fewest token positions (same log-probs and gradients up to float rounding;
+    # seqrl.train.forward). shared_prefix: each group's prompt once, the G responses on its KV
+    # cache; packing: no padding, sequences end to end with restarting position ids (models that
+    # cannot pack exactly run padded, with a warning). Both off = the padded reference layout.
     shared_prefix: bool = False
+    packing: bool = False
     loss: LossOverrides = Field(default_factory=LossOverrides)
     mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
     # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.

@@ -155,6 +155,8 @@ def build_critic(cfg: RunConfig, policy, tokenizer, device: torch.device, dist: 
         gamma=c.gamma,
         lam=c.lam,
         whiten=c.whiten,
+        packing=cfg.algo.packing,
+        max_tokens=cfg.algo.max_tokens_per_micro_batch,
     )
     dist_lib.broadcast_module(model, dist)
     return Critic(model, optimizer, scheduler, settings, dist)
@@ -265,4 +267,6 @@ def update_settings(cfg: RunConfig) -> UpdateSettings:
         mismatch_level=m.level,
         mismatch_cap=m.cap,
         shared_prefix=a.shared_prefix,
+        packing=a.packing,
+        max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
     )

@@ -4,7 +4,7 @@
         order = a permutation of every rank's rows                  (one generator, all ranks)
         for minibatch in order.chunk(num_minibatches):              (this rank's rows of it)
             normalisers = the minibatch's tokens and sequences over all ranks
-            for micro in minibatch.split(micro_batch_size):
+            for micro in minibatch cut by micro_batch_size rows (or max_tokens tokens):
                 out = loss_fn(micro, normalisers); out.loss.backward()
             sum gradients over ranks, divide by Σ deferred denominators (if the loss defers)
             clip; step if loss and gradient are finite on every rank, else skip and count
@@ -26,6 +26,7 @@ from torch import Tensor
 import seqrl.core as C
 from seqrl.core import LossOutput
 from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank
+from seqrl.train.forward import micro_batches
 from seqrl.train.metrics import MetricAccumulator
 
 # (micro-batch rows [b], minibatch total_tokens, minibatch total_sequences) → the rows' loss share
@@ -40,6 +41,7 @@ class PassSettings:
     ppo_epochs: int
     micro_batch_size: int  # rows per forward/backward
     grad_clip: float | None  # None: no clipping (the norm is still measured)
+    max_tokens: int | None = None  # token budget per forward/backward (replaces the row count)
 
 
 def minibatch_rows(
@@ -83,6 +85,7 @@ def optimizer_pass(
     summed: Sequence[str],
     grad_norm_key: str,
     after_step: Callable[[], None] | None = None,
+    tokens: Tensor | None = None,
 ) -> tuple[MetricAccumulator, int]:
     """``ppo_epochs`` × ``num_minibatches`` optimiser steps; returns (metrics, skipped steps).
 
@@ -93,14 +96,17 @@ def optimizer_pass(
     A loss that returns a ``denominator`` (see :class:`seqrl.core.LossOutput`) has its
     gradients and summed metrics divided by the minibatch's total denominator.
     ``after_step`` runs after every optimiser step taken. Every call of ``loss_fn`` returns
-    the ``summed`` metrics.
+    the ``summed`` metrics. ``tokens`` [B] (each row's real tokens) lets ``settings.max_tokens``
+    cut micro-batches by token budget (:func:`seqrl.train.forward.micro_batches`).
     """
     B = mask.shape[0]
     acc, skipped = MetricAccumulator(), 0
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(B * dist.world_size, generator=generator)
         for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist):
-            finite = _accumulate(params, loss_fn, minibatch, mask, settings, dist, summed, acc)
+            finite = _accumulate(
+                params, loss_fn, minibatch, mask, settings, dist, summed, acc, tokens
+            )
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, settings.grad_clip if settings.grad_clip is not None else math.inf
             )
@@ -125,12 +131,16 @@ def _accumulate(
     dist: DistInfo,
     summed: Sequence[str],
     acc: MetricAccumulator,
+    tokens: Tensor | None = None,
 ) -> bool:
     """One minibatch's gradient in ``params`` (all ranks) and its metrics; True when finite."""
     total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
     finite, deferring = True, False
     shares = torch.zeros(len(summed) + 1, dtype=torch.float64)  # [summed…, denominator]
-    for micro in minibatch.split(settings.micro_batch_size) if minibatch.numel() else ():
+    micros = micro_batches(
+        minibatch, tokens, max_rows=settings.micro_batch_size, max_tokens=settings.max_tokens
+    )
+    for micro in micros if minibatch.numel() else ():
         out = loss_fn(micro, total_tokens, total_sequences)
         finite &= bool(torch.isfinite(out.loss))
         out.loss.backward()
