@@ -162,6 +162,7 @@ def test_micro_batches_by_token_budget():
     micros = micro_batches(rows, tokens, max_rows=2, max_tokens=40)
     assert [m.tolist() for m in micros] == [[4], [1], [6, 2], [0]]  # longest first, ≤ 40 each
     assert micro_batches(rows, tokens, max_rows=2, max_tokens=None)[0].tolist() == [6, 0]
+    assert micro_batches(rows[:0], tokens, max_rows=2, max_tokens=None) == []  # nothing to run
 
 
 @pytest.mark.parametrize("name", ["gspo", "fipo", "dr_grpo"])
@@ -261,10 +262,33 @@ def test_layout_choice_prefers_the_fewest_positions(setup):
         assert forward_layout(model, batch, one, shared_prefix=False, packing=True) == "joint"
 
 
+def test_defaults_are_the_fast_paths_and_the_reference_stays_selectable(fast_overrides):
+    cfg = load_config(None, [])
+    assert cfg.rollout.engine == "fast" and cfg.algo.shared_prefix and cfg.algo.packing
+    assert cfg.algo.max_tokens_per_micro_batch is None
+    reference = [
+        *fast_overrides,
+        "rollout.engine=hf",
+        "algo.shared_prefix=false",
+        "algo.packing=false",
+    ]
+    trainer = Trainer(load_config(None, reference), progress=False)
+    assert type(trainer.sampler) is HFSampler
+    s = trainer.update_settings
+    assert not s.shared_prefix and not s.packing and s.max_tokens_per_micro_batch is None
+
+
 def test_trainer_runs_with_a_token_budget_and_packing(fast_overrides):
-    overrides = ["rollout.engine=fast", "algo.packing=true", "algo.max_tokens_per_micro_batch=40"]
-    cfg = load_config(None, [*fast_overrides, *overrides])
+    cfg = load_config(None, [*fast_overrides, "algo.max_tokens_per_micro_batch=40"])
     trainer = Trainer(cfg, progress=False)
     assert type(trainer.sampler) is FastSampler
     metrics = trainer.train_step(1)
     assert metrics["time/step_s"] > 0 and "policy/clip_frac" in metrics
+
+
+def test_moe_policies_fall_back_to_the_padded_layout_by_themselves(fast_overrides):
+    overrides = [*fast_overrides, "model.policy=builtin:tiny-moe", "moe.routing_replay=true"]
+    trainer = Trainer(load_config(None, overrides), progress=False)
+    assert trainer.update_settings.shared_prefix and trainer.update_settings.packing
+    metrics = trainer.train_step(1)
+    assert "moe/routing_churn" in metrics

@@ -127,11 +127,11 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
-    # hf = transformers generate (any device); fast = seqrl.rollout.fast.FastSampler (one prefill
-    # per prompt, lean decode loop, same sampling distribution; falls back to generate where it
-    # cannot match it); vllm = colocated vLLM engine, weights pushed after every optimiser step
-    # (CUDA only)
-    engine: Literal["hf", "fast", "vllm"] = "hf"
+    # fast = seqrl.rollout.fast.FastSampler (one prefill per prompt, lean decode loop that drops
+    # finished rows, same samples as generate; falls back to generate where it cannot match it);
+    # hf = transformers generate (the reference; any device); vllm = colocated vLLM engine,
+    # weights pushed after every optimiser step (CUDA only)
+    engine: Literal["hf", "fast", "vllm"] = "fast"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO dynamic sampling (Eq. 11): keep only groups whose answers are neither all right nor all
     # wrong, generating further batches of prompts until prompts_per_step groups are kept or
@@ -221,8 +221,9 @@ class AlgoConfig(_Section):
     # seqrl.train.forward). shared_prefix: each group's prompt once, the G responses on its KV
     # cache; packing: no padding, sequences end to end with restarting position ids (models that
     # cannot pack exactly run padded, with a warning). Both off = the padded reference layout.
-    shared_prefix: bool = False
-    packing: bool = False
+    # An MoE policy's routing record runs padded whatever these say.
+    shared_prefix: bool = True
+    packing: bool = True
     loss: LossOverrides = Field(default_factory=LossOverrides)
     mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
     # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.

@@ -166,11 +166,8 @@ def build_routing(cfg: RunConfig, policy) -> RolloutRouting | None:
     """An MoE policy's routing record (``moe/*`` metrics, Routing Replay); None when dense."""
     if not (cfg.moe.routing_replay or is_moe(policy)):
         return None
-    if cfg.algo.shared_prefix:
-        raise ValueError(
-            "algo.shared_prefix cannot record or replay an MoE policy's routing; "
-            "set algo.shared_prefix=false"
-        )
+    # the routing is recorded in the padded layout: the policy's forwards then run padded
+    # whatever algo.shared_prefix and algo.packing say (seqrl.train.forward.response_logprobs)
     return RolloutRouting(policy, replay=cfg.moe.routing_replay)
 
 
