@@ -292,3 +292,6 @@ def test_moe_policies_fall_back_to_the_padded_layout_by_themselves(fast_override
     assert trainer.update_settings.shared_prefix and trainer.update_settings.packing
     metrics = trainer.train_step(1)
     assert "moe/routing_churn" in metrics
+    # the model itself packs exactly (a reference model or a run without the record may pack):
+    # its grouped expert matmuls only round differently
+    assert packing_support(trainer.model).exact

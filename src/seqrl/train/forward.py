@@ -267,9 +267,9 @@ def packing_support(model) -> PackingSupport:
     """Whether ``model`` computes packed sequences exactly; probed once per model, then cached.
 
     Two short sequences s1, s2 are run packed (positions restarting) and s2 alone. Packing is
-    exact when s2's packed logits do not change at all when s1's tokens change (attention never
-    crosses a sequence boundary) and equal s2's own logits up to float rounding (the positions
-    restart). transformers 5 reads restarting position ids as packing for every attention
+    exact when s2's packed logits do not change beyond float rounding when s1's tokens change
+    (attention never crosses a sequence boundary) and equal s2's own logits up to float rounding
+    (the positions restart). transformers 5 reads restarting position ids as packing for every attention
     implementation that builds its mask with ``masking_utils`` (sdpa, eager, flex, flash); a
     model that builds its own mask, or ignores ``position_ids``, fails the probe and runs padded.
     """
@@ -311,9 +311,11 @@ def _probe_packing(model) -> PackingSupport:
         alone = model(input_ids=s2[None], use_cache=False).logits[0]  # [6, V]
     except Exception as err:  # any failure means: do not pack this model
         return PackingSupport(False, False, f"a packed forward failed ({type(err).__name__})")
-    if not torch.equal(with_s1, other):
-        return PackingSupport(False, False, "packed sequences attend to each other")
+    # float rounding only (an MoE layer's grouped expert matmuls round differently when s1 is
+    # routed differently); a sequence that sees another changes by orders of magnitude more
     tol = max(1e3 * torch.finfo(alone.dtype).eps, 1e-4) * max(1.0, float(alone.abs().max()))
+    if not torch.allclose(with_s1, other, rtol=0, atol=tol):
+        return PackingSupport(False, False, "packed sequences attend to each other")
     if not torch.allclose(with_s1, alone, rtol=0, atol=tol):
         return PackingSupport(False, False, "restarting position ids are not read as packing")
     keep = torch.zeros(1, 11, dtype=torch.bool, device=device)
