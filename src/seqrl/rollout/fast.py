@@ -9,10 +9,11 @@ What it does differently from :class:`seqrl.rollout.hf.HFSampler` (``model.gener
    slice of one preallocated [B, Lp + T] tensor, position ids computed once, the sampling
    log-probs gathered as the loop goes (no [B, T, V] stack of scores), and an exit as soon as
    every row has emitted EOS. Everything runs under ``torch.inference_mode``.
-3. **Finished rows leave the decode batch.** Once at least ``compact_at`` of the rows still
-   being decoded have emitted EOS, they are dropped from the batch and its KV cache
+3. **Finished rows leave the decode batch.** Once at least ``compact_at`` (default 10%) of the
+   rows still being decoded have emitted EOS, they are dropped from the batch and its KV cache
    (``batch_select_indices``), so the decode steps cost what the unfinished rows need, not
-   what the longest response needs times B. The remaining rows' computation does not depend
+   what the longest response needs times B. A compaction copies the cache once, about what
+   every decode step's cache append already costs. The remaining rows' computation does not depend
    on their batch-mates, and the random draws are made as before (see below), so the samples
    are the same.
 
@@ -100,7 +101,7 @@ class FastSampler(HFSampler):
     finished (None: never; the samples are the same either way).
     """
 
-    def __init__(self, model, tokenizer, *, compact_at: float | None = 0.25, **kwargs) -> None:
+    def __init__(self, model, tokenizer, *, compact_at: float | None = 0.1, **kwargs) -> None:
         super().__init__(model, tokenizer, **kwargs)
         if compact_at is not None and not 0 < compact_at <= 1:
             raise ValueError(f"compact_at must lie in (0, 1] or be None, got {compact_at}")
