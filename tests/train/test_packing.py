@@ -11,6 +11,7 @@ import seqrl.train.forward as F
 from seqrl.config import load_config
 from seqrl.models import load_policy
 from seqrl.models.critic import build_critic
+from seqrl.models.load import checkpointing_active, enable_gradient_checkpointing
 from seqrl.rollout import FastSampler, HFSampler
 from seqrl.train.critic import Critic, CriticSettings
 from seqrl.train.forward import (
@@ -260,6 +261,32 @@ def test_layout_choice_prefers_the_fewest_positions(setup):
     one = same_length.nonzero()[:2, 0]
     if batch.prompt_mask[one].sum(-1).unique().numel() == 1:  # nothing to save: stays joint
         assert forward_layout(model, batch, one, shared_prefix=False, packing=True) == "joint"
+
+
+def test_gradient_checkpointing_turns_the_shared_prefix_off_and_changes_no_gradient():
+    """Checkpointed layers keep no KV cache in a training forward, so the shared prefix cannot
+    run there: the forward takes the packed layout instead, with the same gradients."""
+    model, tok = load_policy("builtin:tiny-addition")
+    torch.manual_seed(0)
+    batch = FastSampler(model, tok, max_new_tokens=6).generate(["12+34=", "5+9="], group_size=4)
+    advantages = torch.linspace(-1, 1, 8)
+
+    def grads(checkpointing: bool, shared_prefix: bool) -> list:
+        policy = copy.deepcopy(model)
+        if checkpointing:
+            enable_gradient_checkpointing(policy)
+        settings = UpdateSettings(
+            "grpo", {"kl_coef": 0.0}, 1, 1, 8, None, 1.0, shared_prefix=shared_prefix,
+            packing=True,
+        )  # fmt: skip
+        optimizer, out = torch.optim.SGD(policy.parameters(), lr=0.0), {}
+        optimizer.step = lambda: out.update(grads=[q.grad.clone() for q in policy.parameters()])
+        with checkpointing_active(policy):
+            update_policy(policy, optimizer, batch, advantages, None, None, settings, None)
+        return out["grads"]
+
+    for got, want in zip(grads(True, True), grads(False, False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_defaults_are_the_fast_paths_and_the_reference_stays_selectable(fast_overrides):

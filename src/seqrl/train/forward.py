@@ -76,7 +76,8 @@ def shared_prefix_logits(
     this is the joint forward of :func:`joint_inputs` computed in two pieces: the same logits up to
     float rounding, and gradients flow into the shared prompt pass once per row that used it.
     Returns (logits, trimmed response ids [b, T], mask [b, T]), or None when nothing is shared
-    (G = 1, one row per group in ``rows``, or rows of a group whose prompts differ).
+    (G = 1, one row per group in ``rows``, or rows of a group whose prompts differ) or the model
+    returns no transformers ``Cache``.
     """
     groups = rows // batch.group_size  # [b]
     unique, inverse = torch.unique(groups, return_inverse=True)  # [U], [b]
@@ -101,8 +102,10 @@ def shared_prefix_logits(
         logits_to_keep=1,
     )
     logits = out.logits[:, -1:][inverse]  # [b, 1, V] predicts response token 0
+    cache = out.past_key_values
+    if T > 1 and not hasattr(cache, "batch_select_indices"):  # no transformers Cache came back
+        return None
     if T > 1:
-        cache = out.past_key_values
         cache.batch_select_indices(inverse)
         rest = model(
             input_ids=resp_ids[:, :-1],
@@ -333,6 +336,17 @@ def _probe_packing(model) -> PackingSupport:
 # ------------------------------------------------------------------ which layout
 
 
+def _recomputing(model) -> bool:
+    """True when this forward's checkpointed layers will recompute in backward (and so keep no
+    KV cache: transformers turns ``use_cache`` off inside them)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(
+        getattr(m, "gradient_checkpointing", False) is True and m.training
+        for m in _module(model).modules()
+    )
+
+
 def forward_layout(
     model, batch: RolloutBatch, rows: Tensor, *, shared_prefix: bool, packing: bool
 ) -> str:
@@ -340,14 +354,15 @@ def forward_layout(
 
     joint: b · (Lp + T); shared (G rows of a group in ``rows``): U · Lp + b · T for U distinct
     groups; packed: n · L for n pack rows of the longest sequence's L tokens. Ties keep the
-    joint layout. Packing is only considered for models :func:`packing_support` passes.
+    joint layout. Packing is only considered for models :func:`packing_support` passes; the
+    shared prefix not while layers recompute in backward (gradient checkpointing keeps no cache).
     """
     prompt = batch.prompt_mask[rows].sum(dim=1)  # [b]
     response = batch.response_mask[rows].sum(dim=1)  # [b]
     b = rows.numel()
     Lp, T = max(int(prompt.max()), 1), max(int(response.max()), 1)  # trimmed widths
     costs = {"joint": b * (Lp + T)}
-    if shared_prefix:
+    if shared_prefix and not _recomputing(model):
         groups = torch.unique(rows // batch.group_size).numel()
         if groups < b:
             costs["shared"] = groups * Lp + b * T
