@@ -1,11 +1,12 @@
 """Learning is the same with the fast paths: held-out accuracy, fast vs reference, same seeds.
 
 Runs the GSPO preset (the built-in warm start, 3-digit addition, 8 prompts × 8 samples, four
-minibatches per rollout, so the shared-prefix forward serves both the θ_old pass and the update)
-twice per seed: ``rollout.engine=fast algo.shared_prefix=true`` and the reference paths
-(``model.generate``, one joint forward per row). Prints greedy held-out accuracy and the step's
-mean reward along the way. The log-prob, loss and gradient equality itself is tested exactly in
-tests/rollout/test_fast_sampler.py and tests/train/test_shared_prefix.py; this shows what the
+minibatches per rollout, so the fast forwards serve both the θ_old pass and the updates) twice
+per seed: with seqrl's defaults (``rollout.engine=fast``, ``algo.shared_prefix`` and
+``algo.packing`` on) and with the reference paths (``model.generate``, one padded joint forward
+per micro-batch). Prints greedy held-out accuracy and the step's mean reward along the way. The
+log-prob, loss and gradient equality itself is tested exactly in tests/rollout/test_fast_sampler.py,
+tests/train/test_shared_prefix.py and tests/train/test_packing.py; this shows what the
 float-rounding differences left do to a whole run.
 
     python benchmarks/fast_paths_learning.py --steps 40 --seeds 0 1
@@ -21,8 +22,8 @@ from seqrl.config import load_config
 from seqrl.train.trainer import Trainer
 
 PATHS = {
-    "fast": ["rollout.engine=fast", "algo.shared_prefix=true"],
-    "reference": ["rollout.engine=hf", "algo.shared_prefix=false"],
+    "fast": [],  # the defaults
+    "reference": ["rollout.engine=hf", "algo.shared_prefix=false", "algo.packing=false"],
 }
 
 

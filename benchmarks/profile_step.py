@@ -1,13 +1,13 @@
 """Where one seqrl RL step spends its time: torch.profiler over a few steps, by phase and by op.
 
-The same setting as benchmarks/vs_trl.py (3.37M-parameter Qwen2, 8 prompts × 8 samples, ≤8 new
-tokens, one on-policy AdamW step). Phases are labelled by wrapping the sampler, the model's
+The settings of benchmarks/vs_trl.py (``--shape``: short, long, g1, long-30m; one on-policy
+AdamW step). Phases are labelled by wrapping the sampler, the model's
 forward calls, the backward pass and the optimizer step; the op table shows what the time is
 made of (matrix multiplies = compute; the rest = element-wise work and per-call overhead).
 The profiler adds overhead of its own, so compare shares rather than absolute times.
 
     python benchmarks/profile_step.py --arm seqrl
-    python benchmarks/profile_step.py --arm seqrl-ref
+    python benchmarks/profile_step.py --arm seqrl-ref --shape long
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ def labelled(name: str, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", default="seqrl", choices=sorted(vs_trl.ARMS))
+    parser.add_argument("--shape", default="short", choices=list(vs_trl.SHAPES))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ops", type=int, default=12, help="rows of the op table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        vs_trl.save_model(tmp / "model")
-        arm = vs_trl.SeqrlArm(args.arm, tmp / "model", tmp / "run")
+        shape = vs_trl.SHAPES[args.shape]
+        vs_trl.save_model(tmp / "model", shape)
+        arm = vs_trl.SeqrlArm(args.arm, tmp / "model", tmp / "run", shape)
         for _ in range(3):  # warm-up
             arm()
         trainer = arm.trainer
@@ -78,7 +80,7 @@ def main() -> None:
     per_step = {k: e.cpu_time_total / 1e3 / args.steps for k, e in events.items()}
     step = per_step["step"]
     print(
-        f"# {args.arm}: {args.steps} profiled steps, {torch.get_num_threads()} threads; "
+        f"# {args.arm}, shape {args.shape!r}: {args.steps} profiled steps, {torch.get_num_threads()} threads; "
         f"ms per step (profiler overhead included)\n"
     )
     print("| phase | ms/step | share |")

@@ -1,14 +1,27 @@
 """seqrl vs TRL's GRPOTrainer on one machine: the same model, task, batch and update, side by side.
 
-Setting: a randomly initialised 3.37M-parameter Qwen2 (hidden 256, 4 layers, GQA 4/2, MLP 832,
-float32), 3-digit addition prompts, 8 prompts × 8 samples, at most 8 new tokens, temperature 1,
-GRPO advantages (group z-score), no KL term, one on-policy AdamW step per rollout (lr 1e-5,
-grad-norm clip 1). Arms, all starting from the same saved weights and run in one process:
+Shapes (``--shape``), each a randomly initialised Qwen2 (float32, the character tokenizer), GRPO
+advantages, no KL term and one on-policy AdamW step per rollout (lr 1e-5, grad-norm clip 1):
+
+- ``short``     3.37M parameters, 3-digit addition, 8 prompts × 8 samples, ≤ 8 new tokens (the
+                random model almost never stops that early: every row is about 8 tokens)
+- ``long``      3.37M parameters, the scratchpad task (5 operands of 3 digits: 19-character
+                prompts, correct answers of 60-92 tokens), 8 prompts × 8 samples, ≤ 160 new
+                tokens; a random model stops with probability ≈ 1/90 per token, so response
+                lengths spread from 1 to 160 within a batch (median ≈ 50)
+- ``g1``        as ``long`` with one sample per prompt: 64 prompts × 1 (SPPO's and PPO's shape);
+                TRL refuses G = 1, so its check is lifted, and both sides use group-centred
+                advantages (0 at G = 1: the same forward, backward and AdamW work)
+- ``long-30m``  ``long`` on a 31.5M-parameter model (hidden 512, 10 layers, 8/4 heads, MLP 1536)
+
+Arms, all starting from the same saved weights and run in one process:
 
 - ``trl``        TRL ``GRPOTrainer`` (gradient checkpointing off: its fastest setting here)
-- ``seqrl``      seqrl's ``Trainer.train_step`` with ``rollout.engine=fast``, ``algo.shared_prefix``
-- ``seqrl-ref``  the same with the reference paths (``model.generate``, one joint forward per row)
-- ``raw``        the floor: ``model.generate`` + one forward/backward over all rows + AdamW
+- ``seqrl``      seqrl's ``Trainer.train_step`` with its defaults (no switches)
+- ``seqrl-ref``  the reference paths: ``rollout.engine=hf`` (``model.generate``),
+                 ``algo.shared_prefix=false``, ``algo.packing=false`` (one padded joint forward)
+- ``raw``        the floor of a padded trainer: ``model.generate`` + one forward/backward over
+                 all (padded) rows + AdamW
 
 One round runs one step of every arm, in rotating order (TRL drives the loop; the other arms run
 from its step-end callback, outside its timed span), so load on a shared machine hits every arm
@@ -16,7 +29,8 @@ alike. Medians over the rounds. Peak memory is each arm's maximum resident set i
 process (``--memory``). TRL is a benchmark-only dependency: without it the TRL arm is skipped.
 
     pip install torch==2.13.0 trl          # or into a venv with --system-site-packages
-    python benchmarks/vs_trl.py            # one thread, about 2 minutes on 2 CPU cores
+    python benchmarks/vs_trl.py            # today's shape, one thread, about 2 minutes on 2 cores
+    python benchmarks/vs_trl.py --shape long --steps 10
     python benchmarks/vs_trl.py --threads 0                    # torch's default thread count
     python benchmarks/vs_trl.py --trl-gradient-checkpointing   # TRL's default setting
 """
@@ -33,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,63 +57,105 @@ from seqrl.models import build_tiny_model, build_tokenizer, num_parameters, save
 from seqrl.tasks import get_task
 from seqrl.train.trainer import Trainer
 
-P, G, MAX_NEW, LR, SEED = 8, 8, 8, 1e-5, 0
-MODEL = dict(size="small", num_hidden_layers=4, intermediate_size=832)
-SEQRL_COMMON = [
-    "preset=grpo",
-    "task.name=addition",
-    "task.digits=3",
-    f"rollout.prompts_per_step={P}",
-    f"rollout.group_size={G}",
-    f"rollout.max_new_tokens={MAX_NEW}",
-    "algo.num_minibatches=1",
-    f"algo.micro_batch_size={P * G}",
-    "algo.loss.kl_coef=0.0",
-    f"optim.lr={LR}",
-    "train.log_samples=0",
-    f"seed={SEED}",
-]
+LR, SEED, TASK_SEED, N_EXAMPLES = 1e-5, 0, 1234, 512
+MODEL_3M = dict(size="small", num_hidden_layers=4, intermediate_size=832)
+MODEL_30M = dict(
+    size="small",
+    hidden_size=512,
+    num_hidden_layers=10,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    intermediate_size=1536,
+)
+SCRATCHPAD = dict(digits=3, operands=5)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark setting: the batch, the task and the model."""
+
+    prompts: int  # P
+    group_size: int  # G
+    max_new: int  # new-token budget
+    task: str
+    task_kwargs: dict = field(default_factory=dict)
+    model: dict = field(default_factory=lambda: MODEL_3M)
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.group_size
+
+    def build_task(self):
+        return get_task(self.task, seed=TASK_SEED, **self.task_kwargs)
+
+
+SHAPES = {
+    "short": Shape(8, 8, 8, "addition", dict(digits=3)),
+    "long": Shape(8, 8, 160, "scratchpad", SCRATCHPAD),
+    "g1": Shape(64, 1, 160, "scratchpad", SCRATCHPAD),
+    "long-30m": Shape(8, 8, 160, "scratchpad", SCRATCHPAD, MODEL_30M),
+}
 ARMS = {
-    "seqrl": ["rollout.engine=fast", "algo.shared_prefix=true"],
-    "seqrl-ref": ["rollout.engine=hf", "algo.shared_prefix=false"],
+    "seqrl": [],  # the defaults
+    "seqrl-ref": ["rollout.engine=hf", "algo.shared_prefix=false", "algo.packing=false"],
 }
 
 
-def save_model(path: Path) -> None:
+def seqrl_overrides(shape: Shape) -> list[str]:
+    task = [f"task.{k}={v}" for k, v in shape.task_kwargs.items()]
+    return [
+        "preset=grpo",
+        f"task.name={shape.task}",
+        *task,
+        f"task.seed={TASK_SEED}",
+        f"rollout.prompts_per_step={shape.prompts}",
+        f"rollout.group_size={shape.group_size}",
+        f"rollout.max_new_tokens={shape.max_new}",
+        "algo.num_minibatches=1",
+        f"algo.micro_batch_size={shape.rows}",
+        "algo.loss.kl_coef=0.0",
+        f"optim.lr={LR}",
+        "train.log_samples=0",
+        f"seed={SEED}",
+        *(["algo.advantage=group_centered"] if shape.group_size == 1 else []),
+    ]
+
+
+def save_model(path: Path, shape: Shape = SHAPES["short"]) -> None:
     tok = build_tokenizer()
-    save_policy(build_tiny_model(tok, seed=SEED, **MODEL), tok, path)
+    save_policy(build_tiny_model(tok, seed=SEED, **shape.model), tok, path)
 
 
 # ---------------------------------------------------------------------------------- seqrl arms
 class SeqrlArm:
-    def __init__(self, name: str, model_dir: Path, run_dir: Path) -> None:
-        overrides = [*SEQRL_COMMON, f"model.policy={model_dir}", *ARMS[name]]
+    def __init__(self, name: str, model_dir: Path, run_dir: Path, shape: Shape) -> None:
+        overrides = [*seqrl_overrides(shape), f"model.policy={model_dir}", *ARMS[name]]
         self.trainer = Trainer(load_config(None, overrides), run_dir=run_dir, progress=False)
-        self.step = 0
+        self.rows, self.step = shape.rows, 0
 
     def __call__(self) -> dict[str, float]:
         self.step += 1
         t = time.perf_counter()
         m = self.trainer.train_step(self.step)
         total = time.perf_counter() - t
-        tokens = m["response_len/mean"] * P * G
+        tokens = m["response_len/mean"] * self.rows
         return {"step": total, "rollout": m["time/rollout_s"], "tokens": tokens}
 
 
 class RawArm:
     """The floor any trainer pays: generate, one forward/backward, one AdamW step."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, shape: Shape) -> None:
         from seqrl.models import load_policy
 
         self.model, self.tok = load_policy(str(model_dir))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
-        task = get_task("addition", digits=3, seed=1234)
-        self.prompts = [e.prompt for e in task.examples("train", 512)]
-        self.step = 0
+        self.prompts = [e.prompt for e in shape.build_task().examples("train", N_EXAMPLES)]
+        self.shape, self.step = shape, 0
 
     def __call__(self) -> dict[str, float]:
-        prompts = self.prompts[(self.step * P) % 512 :][:P]
+        P, G = self.shape.prompts, self.shape.group_size
+        prompts = self.prompts[(self.step * P) % N_EXAMPLES :][:P]
         self.step += 1
         start = time.perf_counter()
         enc = self.tok(
@@ -112,7 +169,7 @@ class RawArm:
             out = self.model.generate(
                 **enc,
                 do_sample=True,
-                max_new_tokens=MAX_NEW,
+                max_new_tokens=self.shape.max_new,
                 top_k=None,
                 pad_token_id=self.tok.pad_token_id,
                 eos_token_id=self.tok.eos_token_id,
@@ -139,7 +196,9 @@ def trl_available() -> bool:
     return True
 
 
-def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, on_step_end):
+def build_trl(
+    model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, on_step_end, shape: Shape
+):
     """A GRPOTrainer on the same model, task and batch; ``on_step_end`` runs after each step."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -150,26 +209,29 @@ def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, o
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_policy(str(model_dir))[1]
-    task = get_task("addition", digits=3, seed=1234)
-    examples = task.examples("train", 512)
-    data = Dataset.from_dict({"prompt": [e.prompt for e in examples], "idx": list(range(512))})
+    task = shape.build_task()
+    examples = task.examples("train", N_EXAMPLES)
+    data = Dataset.from_dict(
+        {"prompt": [e.prompt for e in examples], "idx": list(range(N_EXAMPLES))}
+    )
 
     def reward(completions, idx, **_):
         return [float(r) for r in task.score_batch(completions, [examples[i] for i in idx])]
 
+    G = shape.group_size
     args = GRPOConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=P * G,
+        per_device_train_batch_size=shape.rows,
         gradient_accumulation_steps=1,
-        num_generations=G,
-        max_completion_length=MAX_NEW,
+        num_generations=max(G, 2),  # the config refuses G = 1; lifted below
+        max_completion_length=shape.max_new,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
         beta=0.0,
         num_iterations=1,
         loss_type="grpo",
-        scale_rewards="group",
+        scale_rewards="group" if G > 1 else "none",  # G = 1: r − mean = 0, as seqrl's
         learning_rate=LR,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
@@ -184,6 +246,7 @@ def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, o
         seed=SEED,
         dataloader_num_workers=0,
     )
+    args.num_generations = G
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
     )
@@ -213,19 +276,20 @@ def build_trl(model_dir: Path, out_dir: Path, steps: int, checkpointing: bool, o
 
 
 # -------------------------------------------------------------------------------- the run
-def make_arms(names: list[str], model_dir: Path, tmp: Path) -> dict:
+def make_arms(names: list[str], model_dir: Path, tmp: Path, shape: Shape) -> dict:
     arms = {}
     for name in names:
         if name == "raw":
-            arms[name] = RawArm(model_dir)
+            arms[name] = RawArm(model_dir, shape)
         elif name in ARMS:
-            arms[name] = SeqrlArm(name, model_dir, tmp / name)
+            arms[name] = SeqrlArm(name, model_dir, tmp / name, shape)
     return arms
 
 
 def run(args, model_dir: Path, tmp: Path) -> dict[str, list[dict]]:
+    shape = SHAPES[args.shape]
     names = [a for a in args.arms if a != "trl"]
-    arms = make_arms(names, model_dir, tmp)
+    arms = make_arms(names, model_dir, tmp, shape)
     results: dict[str, list[dict]] = {n: [] for n in args.arms}
     rounds = args.steps + args.warmup
     counter = {"round": 0}
@@ -244,7 +308,9 @@ def run(args, model_dir: Path, tmp: Path) -> dict[str, list[dict]]:
                 results[name].append(rec)
 
     if "trl" in args.arms:
-        trl = build_trl(model_dir, tmp / "trl", rounds, args.trl_gradient_checkpointing, others)
+        trl = build_trl(
+            model_dir, tmp / "trl", rounds, args.trl_gradient_checkpointing, others, shape
+        )
         trl.train()
     else:
         for _ in range(rounds):
@@ -252,9 +318,10 @@ def run(args, model_dir: Path, tmp: Path) -> dict[str, list[dict]]:
     return results
 
 
-def memory_probe(arm: str, model_dir: Path, checkpointing: bool) -> float:
+def memory_probe(arm: str, model_dir: Path, checkpointing: bool, shape: str) -> float:
     """Peak RSS (MiB) of a fresh process that builds ``arm`` and runs 3 steps of it."""
     cmd = [sys.executable, __file__, "--probe", arm, "--model-dir", str(model_dir)]
+    cmd += ["--shape", shape]
     cmd += ["--trl-gradient-checkpointing"] if checkpointing else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -263,12 +330,13 @@ def memory_probe(arm: str, model_dir: Path, checkpointing: bool) -> float:
 def probe(args) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        shape = SHAPES[args.shape]
         if args.probe == "trl":
             build_trl(
-                args.model_dir, tmp, 3, args.trl_gradient_checkpointing, lambda r: None
+                args.model_dir, tmp, 3, args.trl_gradient_checkpointing, lambda r: None, shape
             ).train()
         else:
-            arm = make_arms([args.probe], args.model_dir, tmp)[args.probe]
+            arm = make_arms([args.probe], args.model_dir, tmp, shape)[args.probe]
             [arm() for _ in range(3)]
     print(peak_rss_mib())
 
@@ -286,6 +354,7 @@ def peak_rss_mib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="short", choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=40, help="timed rounds (one step per arm)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--arms", nargs="+", default=["trl", "seqrl", "seqrl-ref", "raw"])
@@ -311,10 +380,13 @@ def main() -> None:
         args.arms = [a for a in args.arms if a != "trl"]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        save_model(tmp / "model")
+        save_model(tmp / "model", SHAPES[args.shape])
         results = run(args, tmp / "model", tmp)
         memory = (
-            {a: memory_probe(a, tmp / "model", args.trl_gradient_checkpointing) for a in args.arms}
+            {
+                a: memory_probe(a, tmp / "model", args.trl_gradient_checkpointing, args.shape)
+                for a in args.arms
+            }
             if args.memory
             else {}
         )
@@ -326,15 +398,17 @@ def main() -> None:
 def report(args, results: dict[str, list[dict]], memory: dict[str, float]) -> None:
     import transformers
 
-    n_params = num_parameters(build_tiny_model(build_tokenizer(), seed=SEED, **MODEL))
+    shape = SHAPES[args.shape]
+    n_params = num_parameters(build_tiny_model(build_tokenizer(), seed=SEED, **shape.model))
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if trl_available():
         import trl
 
         versions += f", trl {trl.__version__}"
     print(
-        f"# one RL step: {n_params / 1e6:.2f}M-param Qwen2, {P} prompts × {G} samples, "
-        f"≤{MAX_NEW} new tokens, one AdamW step; TRL gradient checkpointing "
+        f"# one RL step, shape {args.shape!r}: {n_params / 1e6:.2f}M-param Qwen2, {shape.task} "
+        f"task, {shape.prompts} prompts × {shape.group_size} samples, ≤{shape.max_new} new "
+        f"tokens, one AdamW step; TRL gradient checkpointing "
         f"{'on' if args.trl_gradient_checkpointing else 'off'}"
     )
     print(
@@ -346,16 +420,24 @@ def report(args, results: dict[str, list[dict]], memory: dict[str, float]) -> No
         for a, rs in results.items()
         if rs
     }
-    print("| arm | step (ms) | rollout (ms) | update (ms) | tokens/s | peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| arm | step (ms) | rollout (ms) | update (ms) | tokens/step | tokens/s | peak RSS (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for a, m in med.items():
         rss = f"{memory[a]:.0f}" if a in memory else "–"
+        tokens = statistics.mean(r["tokens"] for r in results[a])
+        rate = sum(r["tokens"] for r in results[a]) / sum(r["step"] for r in results[a])
         print(
             f"| {a} | {1e3 * m['step']:.1f} | {1e3 * m['rollout']:.1f} | "
-            f"{1e3 * (m['step'] - m['rollout']):.1f} | {m['tokens'] / m['step']:.0f} | {rss} |"
+            f"{1e3 * (m['step'] - m['rollout']):.1f} | {tokens:.0f} | {rate:.0f} | {rss} |"
         )
     print("\nrollout = generation + rewards + advantages; update = everything else in the step.")
-    print("tokens/s = sampled response tokens (EOS included) per second of step time.")
+    print(
+        "tokens/step = sampled response tokens (EOS included), mean over rounds; tokens/s = all "
+        "rounds' tokens over all rounds' step time (each arm samples its own responses, so with "
+        "uneven lengths compare tokens/s as well as step time)."
+    )
 
     def ratio(a: str, b: str, what: str) -> None:
         if a in med and b in med:

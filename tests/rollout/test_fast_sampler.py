@@ -142,3 +142,61 @@ def test_per_prompt_streams_draw_the_same_tokens_as_hf_with_seeds(nano, temperat
         alone.response_ids[:, : fast.response_ids.shape[1]][alone.response_mask],
         fast.response_ids[6:9, : alone.response_ids.shape[1]][alone.response_mask],
     )
+
+
+@pytest.fixture
+def compactions(monkeypatch):
+    """The sizes the decode batch is compacted to (DynamicCache.batch_select_indices calls)."""
+    from transformers import DynamicCache
+
+    sizes, select = [], DynamicCache.batch_select_indices
+
+    def counting(self, indices):
+        sizes.append(indices.numel())
+        return select(self, indices)
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("streams", ["global", "per-prompt"])
+def test_finished_rows_leave_the_decode_batch_and_nothing_else_changes(nano, compactions, streams):
+    model, tok, prompts = nano
+    kwargs = dict(max_new_tokens=24, temperature=0.9, top_p=0.95)
+    seeds = [5, 6, 7, 8] if streams == "per-prompt" else None
+    out, after = {}, {}
+    for compact_at in (None, 0.01, 0.5):  # never, at every finished row, at half the batch
+        torch.manual_seed(0)
+        sampler = FastSampler(model, tok, compact_at=compact_at, **kwargs)
+        out[compact_at] = sampler.generate(prompts, group_size=4, seeds=seeds)
+        after[compact_at] = torch.rand(3)  # the global stream is left where it was
+        if compact_at is None:
+            assert not compactions
+    assert compactions and min(compactions) < 16  # rows really left the batch
+    lengths = out[None].response_mask.sum(-1)
+    assert lengths.unique().numel() > 2 and lengths.max() == 24  # rows end at different steps
+    for compact_at in (0.01, 0.5):
+        _assert_same(out[None], out[compact_at], atol=0)  # float64: identical draws and floats
+        assert torch.equal(after[compact_at], after[None])
+    torch.manual_seed(0)
+    ref = HFSampler(model, tok, **kwargs).generate(prompts, group_size=4, seeds=seeds)
+    _assert_same(ref, out[0.01], atol=1e-9)
+
+
+def test_compaction_keeps_the_trained_models_samples_in_float32(addition, compactions):
+    model, tok, prompts = addition
+    seeds = list(range(len(prompts)))
+    out = {
+        compact_at: FastSampler(model, tok, compact_at=compact_at, max_new_tokens=12).generate(
+            prompts, group_size=8, seeds=seeds
+        )
+        for compact_at in (None, 0.25)
+    }
+    assert compactions
+    _assert_same(out[None], out[0.25], atol=1e-5)
+
+
+def test_compact_at_must_be_a_share():
+    model, tok = load_policy("builtin:nano")
+    with pytest.raises(ValueError, match="compact_at"):
+        FastSampler(model, tok, max_new_tokens=4, compact_at=0)

@@ -32,6 +32,7 @@ from seqrl.config import ConfigError, load_config, validate_warnings
 from seqrl.train import checkpoint as ckpt
 from seqrl.train import sharding
 from seqrl.train.dist import DistInfo
+from seqrl.train.forward import forward_layout
 from seqrl.train.trainer import Trainer
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -126,8 +127,8 @@ def test_config_strategy_default_options_and_refusals():
         None, ["dist.strategy=fsdp", "dist.fsdp.param_dtype=bfloat16", "dist.fsdp.cpu_offload=true"]
     )
     assert cfg.dist.fsdp.param_dtype == "bfloat16" and validate_warnings(cfg) == []
-    with pytest.raises(ConfigError, match=r"algo\.shared_prefix=false"):
-        load_config(None, ["dist.strategy=fsdp", "algo.shared_prefix=true"])
+    # the fast layouts are allowed: a sharded model runs them padded (forward.forward_layout)
+    assert load_config(None, ["dist.strategy=fsdp", "algo.shared_prefix=true"]).algo.packing
     with pytest.raises(ConfigError, match=r"rollout\.engine=vllm with LoRA"):
         load_config(None, ["dist.strategy=fsdp", "rollout.engine=vllm", "model.lora.r=4"])
     with pytest.raises(ConfigError, match=r"cpu_offload=false"):
@@ -167,6 +168,12 @@ def test_one_process_fsdp_equals_replicate_and_skips_a_truncated_shard(tmp_path,
     Trainer(load_config(None, [*run, "name=plain"]), progress=False).fit()
     sharded = Trainer(load_config(None, [*run, "name=fsdp", "dist.strategy=fsdp"]), progress=False)
     assert sharding.is_sharded(sharded.model) and sharding.is_sharded(sharded.critic.model)
+    assert sharded.cfg.algo.shared_prefix and sharded.cfg.algo.packing  # the defaults, and yet
+    batch = sharded.sampler.generate(["1+2=", "3+4="], group_size=4, seeds=[0, 1])
+    for model in (sharded.model, sharded.critic.model):  # one forward per micro-batch everywhere
+        assert forward_layout(model, batch, torch.arange(8), shared_prefix=True, packing=True) == (
+            "joint"
+        )
     sharded.fit()
     for sub in ("", "critic"):
         a = load_file(tmp_path / "plain" / "final" / sub / "model.safetensors")

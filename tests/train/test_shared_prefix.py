@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import transformers.models.qwen2.modeling_qwen2 as qwen2
 
 from seqrl.config import load_config
 from seqrl.models import load_policy
@@ -13,19 +12,6 @@ from seqrl.tasks import get_task
 from seqrl.train.forward import shared_prefix_logits
 from seqrl.train.step import UpdateSettings, batch_logprobs, response_logprobs, update_policy
 from seqrl.train.trainer import Trainer
-
-
-@pytest.fixture
-def float64_norms(monkeypatch):
-    """Qwen2's RMSNorm computes in float32 even in a float64 model; the two paths sum the group's
-    gradients at different places, so they would agree only to float32 rounding (~1e-7 relative).
-    With the norm in full precision the comparison is exact to float64 rounding."""
-
-    def forward(self, hidden):
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
-
-    monkeypatch.setattr(qwen2.Qwen2RMSNorm, "forward", forward)
 
 
 @pytest.fixture(scope="module")

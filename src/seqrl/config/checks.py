@@ -230,12 +230,6 @@ def _fsdp_problems(cfg: RunConfig) -> list[str]:
     if cfg.dist.strategy != "fsdp":
         return []
     out = []
-    if cfg.algo.shared_prefix:
-        out.append(
-            "algo.shared_prefix runs one or two forwards per micro-batch depending on the data, "
-            "but under dist.strategy=fsdp every process must run the same forwards: set "
-            "algo.shared_prefix=false"
-        )
     if cfg.dist.fsdp.cpu_offload and cfg.device == "cpu":
         out.append(
             "dist.fsdp.cpu_offload moves the shards from the GPU to CPU memory, but device='cpu' "

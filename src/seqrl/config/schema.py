@@ -166,11 +166,11 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
-    # hf = transformers generate (any device); fast = seqrl.rollout.fast.FastSampler (one prefill
-    # per prompt, lean decode loop, same sampling distribution; falls back to generate where it
-    # cannot match it); vllm = colocated vLLM engine, weights pushed after every optimiser step
-    # (CUDA only)
-    engine: Literal["hf", "fast", "vllm"] = "hf"
+    # fast = seqrl.rollout.fast.FastSampler (one prefill per prompt, lean decode loop that drops
+    # finished rows, same samples as generate; falls back to generate where it cannot match it);
+    # hf = transformers generate (the reference; any device); vllm = colocated vLLM engine,
+    # weights pushed after every optimiser step (CUDA only)
+    engine: Literal["hf", "fast", "vllm"] = "fast"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     # DAPO dynamic sampling (Eq. 11): keep only groups whose answers are neither all right nor all
     # wrong, generating further batches of prompts until prompts_per_step groups are kept or
@@ -270,9 +270,17 @@ class AlgoConfig(_Section):
     num_minibatches: int = Field(4, ge=1)  # optimiser steps per rollout batch (per epoch)
     ppo_epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # sequences per forward/backward
-    # run each group's shared prompt once per micro-batch and the G responses on its KV cache
-    # (same log-probs up to float rounding; seqrl.train.forward.shared_prefix_logits)
-    shared_prefix: bool = False
+    # cut micro-batches by real tokens instead (rows sorted by length, at most this many tokens
+    # per forward/backward; a longer row goes alone); None = micro_batch_size rows each
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    # the forward layouts a micro-batch may use; each forward takes the allowed one that runs
+    # the fewest token positions (same log-probs and gradients up to float rounding;
+    # seqrl.train.forward). shared_prefix: each group's prompt once, the G responses on its KV
+    # cache; packing: no padding, sequences end to end with restarting position ids (models that
+    # cannot pack exactly run padded, with a warning). Both off = the padded reference layout.
+    # An MoE policy's routing record runs padded whatever these say.
+    shared_prefix: bool = True
+    packing: bool = True
     loss: LossOverrides = Field(default_factory=LossOverrides)
     mismatch: MismatchConfig = Field(default_factory=MismatchConfig)
     # FIPO only: start algo.loss from seqrl.core.FIPO_PRESETS[fipo_preset]; algo.loss still wins.

@@ -9,12 +9,22 @@ What it does differently from :class:`seqrl.rollout.hf.HFSampler` (``model.gener
    slice of one preallocated [B, Lp + T] tensor, position ids computed once, the sampling
    log-probs gathered as the loop goes (no [B, T, V] stack of scores), and an exit as soon as
    every row has emitted EOS. Everything runs under ``torch.inference_mode``.
+3. **Finished rows leave the decode batch.** Once at least ``compact_at`` (default 10%) of the
+   rows still being decoded have emitted EOS, they are dropped from the batch and its KV cache
+   (``batch_select_indices``), so the decode steps cost what the unfinished rows need, not
+   what the longest response needs times B. A compaction copies the cache once, about what
+   every decode step's cache append already costs. The remaining rows' computation does not depend
+   on their batch-mates, and the random draws are made as before (see below), so the samples
+   are the same.
 
 Sampling is the same as ``generate``'s: the logits are taken in float32, divided by the
 temperature, top-p filtered exactly as transformers' ``TopPLogitsWarper`` does, and one
 ``torch.multinomial`` draw is made for every row at every step (finished rows included, then
-replaced by padding), so the random stream is consumed in the same order. Greedy decoding is the
-argmax of the raw logits. The only difference is floating-point rounding: the prefill runs on P
+replaced by padding), so the random stream is consumed in the same order; once finished rows
+have left the batch, the draw is still made over all B rows (the dropped rows' distributions
+are uniform placeholders), because the draw's use of the stream depends on its shape. With
+per-prompt streams (``seeds``) each row draws from its own generator, so a dropped row simply
+stops drawing. Greedy decoding is the argmax of the raw logits. The only difference is floating-point rounding: the prefill runs on P
 rows rather than P·G, which may change logits in the last bits; sampled tokens then agree except
 where a draw falls within that rounding of a category boundary (tests check token equality with
 ``generate`` on the built-in models).
@@ -85,10 +95,17 @@ def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
 
 
 class FastSampler(HFSampler):
-    """Drop-in :class:`HFSampler` with a shared-prompt prefill and a lean decode loop."""
+    """Drop-in :class:`HFSampler` with a shared-prompt prefill and a lean decode loop.
 
-    def __init__(self, model, tokenizer, **kwargs) -> None:
+    ``compact_at``: drop finished rows from the decode batch once at least this share of it has
+    finished (None: never; the samples are the same either way).
+    """
+
+    def __init__(self, model, tokenizer, *, compact_at: float | None = 0.1, **kwargs) -> None:
         super().__init__(model, tokenizer, **kwargs)
+        if compact_at is not None and not 0 < compact_at <= 1:
+            raise ValueError(f"compact_at must lie in (0, 1] or be None, got {compact_at}")
+        self.compact_at = compact_at
         self.fallback_reason = unsupported_reason(model)
 
     @torch.inference_mode()
@@ -160,20 +177,25 @@ class FastSampler(HFSampler):
         attention = torch.ones(B, Lp + T_max, dtype=torch.long, device=device)  # [B, Lp + T]
         attention[:, :Lp] = prompt_mask
         next_position = prompt_mask.sum(dim=1, keepdim=True)  # [B, 1] position of response token 0
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        tokens, logprobs = [], []
+        # the decode batch: rows[i] is the batch row of decode row i (all B until rows finish)
+        rows = torch.arange(B, device=device)  # [b]
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)  # [b]
+        compact = self.compact_at is not None and hasattr(cache, "batch_select_indices")
+        response_ids = torch.full((B, T_max), pad, dtype=torch.long, device=device)  # [B, T_max]
+        logprobs = None  # [B, T_max], allocated with the first step's dtype
+        T = 0
         for t in range(T_max):
-            scores = logits
+            scores = logits  # [b, V]
             if not greedy:
                 if temperature != 1.0:
                     scores = scores / temperature
                 if self.top_p < 1.0:
                     scores = top_p_filter(scores, self.top_p)
                 if generators is None:  # torch's global stream, in generate's order
-                    probs = torch.softmax(scores, dim=-1)  # [B, V]
-                    token = torch.multinomial(probs, num_samples=1).squeeze(1)  # [B]
+                    probs = torch.softmax(scores, dim=-1)  # [b, V]
+                    token = _multinomial_over_all_rows(probs, rows, B)  # [b]
                 else:  # one stream per response (Gumbel-max), as HFSampler with seeds
-                    logp = torch.log_softmax(scores, dim=-1)  # [B, V]
+                    logp = torch.log_softmax(scores, dim=-1)  # [b, V]
                     token = (logp + gumbel_noise(generators, logp.shape[-1], logp.device)).argmax(
                         -1
                     )
@@ -181,11 +203,23 @@ class FastSampler(HFSampler):
                 token = scores.argmax(dim=-1)
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             # log-softmax then gather, as HFSampler does from generate's scores: the same floats
-            logprobs.append(torch.log_softmax(scores, dim=-1).gather(-1, token[:, None])[:, 0])
-            tokens.append(token)
+            picked = torch.log_softmax(scores, dim=-1).gather(-1, token[:, None])[:, 0]  # [b]
+            if logprobs is None:
+                logprobs = torch.zeros(B, T_max, dtype=picked.dtype, device=device)
+            response_ids[rows, t] = token
+            logprobs[rows, t] = picked
+            T = t + 1
             unfinished &= token != eos
             if t == T_max - 1 or not bool(unfinished.any()):
                 break
+            done = int((~unfinished).sum())
+            if compact and done and done >= self.compact_at * rows.numel():
+                keep = unfinished.nonzero().squeeze(1)  # [b'] decode rows still running
+                cache.batch_select_indices(keep)
+                rows, unfinished, token = rows[keep], unfinished[keep], token[keep]
+                attention, next_position = attention[keep], next_position[keep]
+                if generators is not None:
+                    generators = [generators[i] for i in keep.tolist()]
             out = model(
                 input_ids=token[:, None],
                 attention_mask=attention[:, : Lp + t + 1],
@@ -195,10 +229,25 @@ class FastSampler(HFSampler):
             )
             logits = out.logits[:, -1].float()
 
-        response_ids = torch.stack(tokens, dim=1)  # [B, T]
+        response_ids = response_ids[:, :T]  # [B, T]
         mask, truncated = response_mask_from_tokens(response_ids, eos)
-        sampler_logprobs = torch.stack(logprobs, dim=1)  # [B, T]
+        sampler_logprobs = logprobs[:, :T]  # [B, T]
         sampler_logprobs = torch.where(mask, sampler_logprobs, torch.zeros_like(sampler_logprobs))
         return RolloutBatch(
             prompt_ids, prompt_mask, response_ids, mask, sampler_logprobs, truncated, G
         )
+
+
+def _multinomial_over_all_rows(probs: Tensor, rows: Tensor, B: int) -> Tensor:
+    """One ``torch.multinomial`` draw per row of the full batch; the tokens of ``rows``: [b].
+
+    probs [b, V] are the distributions of the decode rows, ``rows`` [b] their batch rows. The
+    draw is made over all B rows (rows no longer decoded get a uniform placeholder), so it
+    consumes the random stream exactly as a draw over the uncompacted batch does, and each row's
+    token depends only on its own distribution and its own share of the stream.
+    """
+    if rows.numel() == B:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    full = torch.ones(B, probs.shape[-1], dtype=probs.dtype, device=probs.device)  # [B, V]
+    full[rows] = probs
+    return torch.multinomial(full, num_samples=1).squeeze(1)[rows]

@@ -180,6 +180,8 @@ def build_critic(
         lam=c.lam,
         whiten=c.whiten,
         incorrect_reward=cfg.reward.incorrect,
+        packing=cfg.algo.packing,
+        max_tokens=cfg.algo.max_tokens_per_micro_batch,
     )
     return Critic(model, optimizer, scheduler, settings, dist)
 
@@ -219,11 +221,8 @@ def build_routing(cfg: RunConfig, policy) -> RolloutRouting | None:
     """An MoE policy's routing record (``moe/*`` metrics, Routing Replay); None when dense."""
     if not (cfg.moe.routing_replay or is_moe(policy)):
         return None
-    if cfg.algo.shared_prefix:
-        raise ValueError(
-            "algo.shared_prefix cannot record or replay an MoE policy's routing; "
-            "set algo.shared_prefix=false"
-        )
+    # the routing is recorded in the padded layout: the policy's forwards then run padded
+    # whatever algo.shared_prefix and algo.packing say (seqrl.train.forward.response_logprobs)
     return RolloutRouting(policy, replay=cfg.moe.routing_replay)
 
 
@@ -405,4 +404,6 @@ def update_settings(cfg: RunConfig) -> UpdateSettings:
         mismatch_level=m.level,
         mismatch_cap=m.cap,
         shared_prefix=a.shared_prefix,
+        packing=a.packing,
+        max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
     )

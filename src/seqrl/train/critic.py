@@ -29,7 +29,7 @@ from seqrl.rollout import RolloutBatch
 from seqrl.rollout.base import eval_mode
 from seqrl.train import sharding
 from seqrl.train.dist import SINGLE, DistInfo, all_reduce_sum, mean_metrics
-from seqrl.train.forward import batch_values, prompt_value_logits, token_values
+from seqrl.train.forward import batch_values, prompt_value_logits, row_tokens, token_values
 from seqrl.train.optimize import PassSettings, optimizer_params, optimizer_pass
 
 
@@ -48,11 +48,17 @@ class CriticSettings:
     lam: float = 1.0
     whiten: bool = True
     incorrect_reward: float = 0.0  # r_w, the outcome part of a wrong answer's reward (right: 1)
+    packing: bool = False  # padding-free forwards where the critic packs exactly (forward.pack)
+    max_tokens: int | None = None  # token budget per micro-batch; None = micro_batch_size rows
 
     @property
     def passes(self) -> PassSettings:
         return PassSettings(
-            self.num_minibatches, self.ppo_epochs, self.micro_batch_size, self.grad_clip
+            self.num_minibatches,
+            self.ppo_epochs,
+            self.micro_batch_size,
+            self.grad_clip,
+            self.max_tokens,
         )
 
 
@@ -98,7 +104,14 @@ class Critic:
     def values(self, batch: RolloutBatch) -> Tensor:
         """Logits [B] (scalar) or values [B, T] (token) at the current critic, no gradient."""
         with eval_mode(self.model):
-            out = batch_values(self.model, batch, self.kind, self.settings.micro_batch_size)
+            out = batch_values(
+                self.model,
+                batch,
+                self.kind,
+                self.settings.micro_batch_size,
+                packing=self.settings.packing,
+                max_tokens=self.settings.max_tokens,
+            )
         if self.sigmoid_values:
             out = torch.where(batch.response_mask, torch.sigmoid(out), torch.zeros_like(out))
         return out
@@ -164,10 +177,10 @@ class Critic:
         def loss_fn(micro: Tensor, total_tokens: Tensor, total_sequences: Tensor) -> C.LossOutput:
             if self.kind == "scalar":
                 logits = prompt_value_logits(
-                    self.model, batch.prompt_ids[micro], batch.prompt_mask[micro]
+                    self.model, batch.prompt_ids[micro], batch.prompt_mask[micro], packing=s.packing
                 )  # [b]
                 return C.bce_value_loss(logits, targets[micro], total_sequences=total_sequences)
-            values = token_values(self.model, batch, micro)  # [b, T]
+            values = token_values(self.model, batch, micro, packing=s.packing)  # [b, T]
             if self.sigmoid_values:  # PPO + BCE (SPPO §4.3): per-token σ(z_t) vs G_t
                 return C.bce_value_loss(
                     values,
@@ -198,6 +211,7 @@ class Critic:
             summed=("critic/loss",),
             grad_norm_key="critic/grad_norm",
             pad=sharding.train_padding(self.model),
+            tokens=row_tokens(batch, prompt_only=self.kind == "scalar"),
         )
         self.scheduler.step()
         self.model.eval()

@@ -4,7 +4,7 @@
         order = a permutation of every rank's rows                  (one generator, all ranks)
         for minibatch in order.chunk(num_minibatches):              (this rank's rows of it)
             normalisers = the minibatch's tokens and sequences over all ranks
-            for micro in minibatch.split(micro_batch_size):
+            for micro in minibatch cut by micro_batch_size rows (or max_tokens tokens):
                 out = loss_fn(micro, normalisers); out.loss.backward()
             sum gradients over ranks, divide by Σ deferred denominators (if the loss defers)
             clip; step if loss and gradient are finite on every rank, else skip and count
@@ -27,6 +27,7 @@ import seqrl.core as C
 from seqrl.core import LossOutput
 from seqrl.train import sharding
 from seqrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, any_rank, gather_cat
+from seqrl.train.forward import micro_batches
 from seqrl.train.metrics import MetricAccumulator
 
 # (micro-batch rows [b], minibatch total_tokens, minibatch total_sequences) → the rows' loss share
@@ -41,6 +42,7 @@ class PassSettings:
     ppo_epochs: int
     micro_batch_size: int  # rows per forward/backward
     grad_clip: float | None  # None: no clipping (the norm is still measured)
+    max_tokens: int | None = None  # token budget per forward/backward (replaces the row count)
 
 
 def minibatch_rows(
@@ -91,6 +93,7 @@ def optimizer_pass(
     grad_norm_key: str,
     after_step: Callable[[], None] | None = None,
     pad: sharding.Padding | None = None,
+    tokens: Tensor | None = None,
 ) -> tuple[MetricAccumulator, int]:
     """``ppo_epochs`` × ``num_minibatches`` optimiser steps; returns (metrics, skipped steps).
 
@@ -101,7 +104,8 @@ def optimizer_pass(
     A loss that returns a ``denominator`` (see :class:`seqrl.core.LossOutput`) has its
     gradients and summed metrics divided by the minibatch's total denominator.
     ``after_step`` runs after every optimiser step taken. Every call of ``loss_fn`` returns
-    the ``summed`` metrics.
+    the ``summed`` metrics. ``tokens`` [B] (each row's real tokens) lets ``settings.max_tokens``
+    cut micro-batches by token budget (:func:`seqrl.train.forward.micro_batches`).
 
     Under FSDP (``params`` are DTensor shards) FSDP sums the gradients in each backward, and
     ``pad`` (:class:`seqrl.train.sharding.Padding`) makes as many forward/backward passes on
@@ -116,7 +120,7 @@ def optimizer_pass(
         first = sum(rows[: dist.rank])
         for minibatch in minibatch_rows(order, settings.num_minibatches, B, dist, first):
             finite = _accumulate(
-                params, loss_fn, minibatch, mask, settings, dist, summed, acc, pad, sharded
+                params, loss_fn, minibatch, mask, settings, dist, summed, acc, pad, sharded, tokens
             )
             max_norm = settings.grad_clip if settings.grad_clip is not None else math.inf
             if sharded:
@@ -146,12 +150,19 @@ def _accumulate(
     acc: MetricAccumulator,
     pad: sharding.Padding | None = None,
     sharded: bool = False,
+    tokens: Tensor | None = None,
 ) -> bool:
     """One minibatch's gradient in ``params`` (all ranks) and its metrics; True when finite."""
     total_tokens, total_sequences = global_normalizers(mask[minibatch], dist)
     finite, deferring = True, False
     shares = torch.zeros(len(summed) + 1, dtype=torch.float64)  # [summed…, denominator]
-    micros = minibatch.split(settings.micro_batch_size) if minibatch.numel() else ()
+    micros = (
+        micro_batches(
+            minibatch, tokens, max_rows=settings.micro_batch_size, max_tokens=settings.max_tokens
+        )
+        if minibatch.numel()
+        else ()
+    )
     most = len(micros) if pad is None else pad.most(len(micros))
     for micro in micros:
         out = loss_fn(micro, total_tokens, total_sequences)

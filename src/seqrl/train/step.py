@@ -20,7 +20,7 @@ from seqrl.core import PolicyLossConfig
 from seqrl.rollout import RolloutBatch
 from seqrl.train import sharding
 from seqrl.train.dist import SINGLE, DistInfo, mean_metrics
-from seqrl.train.forward import batch_logprobs, response_logprobs
+from seqrl.train.forward import batch_logprobs, response_logprobs, row_tokens
 from seqrl.train.optimize import PassSettings, optimizer_params, optimizer_pass
 
 __all__ = [
@@ -52,6 +52,8 @@ class UpdateSettings:
     mismatch_level: str = "token"  # token | sequence | sequence_mean
     mismatch_cap: float = 2.0  # C
     shared_prefix: bool = False  # one prompt forward per group (see shared_prefix_logits)
+    packing: bool = False  # padding-free forwards where the model packs exactly (forward.pack)
+    max_tokens_per_micro_batch: int | None = None  # token budget per micro-batch; None = rows
     loss: PolicyLossConfig = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +63,11 @@ class UpdateSettings:
     @property
     def passes(self) -> PassSettings:
         return PassSettings(
-            self.num_minibatches, self.ppo_epochs, self.micro_batch_size, self.grad_clip
+            self.num_minibatches,
+            self.ppo_epochs,
+            self.micro_batch_size,
+            self.grad_clip,
+            self.max_tokens_per_micro_batch,
         )
 
 
@@ -159,6 +165,7 @@ def update_policy(
         grad_norm_key="policy/grad_norm",
         after_step=None if routing is None else routing.optimizer_stepped,
         pad=sharding.train_padding(model),
+        tokens=row_tokens(batch),
     )
     if routing is not None:
         acc.add(routing.metrics())
@@ -196,6 +203,7 @@ def micro_batch_loss(
         with_entropy=True,
         routing=routing,
         shared_prefix=s.shared_prefix,
+        packing=s.packing,
     )
     old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]  # π_old = π_prox
     sampler_lp = batch.sampler_logprobs[micro]  # μ: the sampler's (or rollout worker's)

@@ -381,6 +381,8 @@ class Trainer:
             micro_batch_size=self.cfg.algo.micro_batch_size,
             routing=routing,
             shared_prefix=self.cfg.algo.shared_prefix,
+            packing=self.cfg.algo.packing,
+            max_tokens=self.cfg.algo.max_tokens_per_micro_batch,
         )
 
     def update(
