@@ -27,6 +27,18 @@ from seqrl.train.sampling import collect_step
 from seqrl.train.trainer import Trainer, TrainingAbortedError
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The worker samples with one torch thread; bit-for-bit equality needs the same here.
+
+    CPU matrix products can round differently with another number of threads (docs/scaling.md).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class StaleSync(Trainer):
     """The synchronous reference: samples step t here, with the weights of step t − 1 − k."""
 

@@ -71,7 +71,7 @@ def quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
     v = values.double()
     if v.numel() == 0:
         return {}
-    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=v.device))
     return {
         f"{prefix}/min": v.min().item(),
         f"{prefix}/q25": q[0].item(),

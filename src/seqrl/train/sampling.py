@@ -166,11 +166,12 @@ def shaped_rewards(
     which is what the built-in verifiers score) are [B]; ``terms`` is [n_terms, B] of weighted
     term values (see :func:`extra_terms`). Computed in float64, returned in the default dtype.
     """
-    one = torch.ones((), dtype=torch.float64)
-    score = one if scores is None else scores.to(torch.float64)
+    one = torch.ones((), dtype=torch.float64, device=correct.device)
+    score = one if scores is None else scores.to(one)
     rewards = torch.where(correct, score, one * s.incorrect_reward)  # [B]
+    lengths = lengths.to(correct.device)
     if terms is not None and terms.numel():
-        rewards = rewards + terms.sum(0)
+        rewards = rewards + terms.to(rewards).sum(0)
     if s.overlong_buffer is not None:
         rewards = rewards + C.soft_overlong_penalty(
             lengths.to(torch.float64),
@@ -251,8 +252,14 @@ def rollout_metrics(
     """reward/*, train/accuracy, train/truncated_frac, response_len/* over every response [n].
 
     ``all_terms`` [n_terms, n] are the weighted extra reward terms (None: no terms);
-    ``all_scores`` [n] the verifier's values (None: 1 wherever correct).
+    ``all_scores`` [n] the verifier's values (None: 1 wherever correct). Computed on the CPU
+    (the lengths and flags may be on the policy's device).
     """
+    all_correct, all_lengths, all_truncated = (
+        t.cpu() for t in (all_correct, all_lengths, all_truncated)
+    )
+    all_terms = None if all_terms is None else all_terms.cpu()
+    all_scores = None if all_scores is None else all_scores.cpu()
     if all_terms is None:
         all_terms = torch.zeros(len(s.reward_terms), len(all_correct), dtype=torch.float64)
     all_rewards = shaped_rewards(all_correct, all_lengths, s, all_terms, all_scores)
@@ -410,7 +417,7 @@ def with_greedy_baseline(rollout: StepRollout, sampler, tokenizer, task, s) -> S
     if not rollout.examples:
         return rollout
     greedy = greedy_baseline(sampler, tokenizer, task, rollout.examples, s)
-    return dataclasses.replace(rollout, greedy_rewards=greedy)
+    return dataclasses.replace(rollout, greedy_rewards=greedy.to(rollout.rewards.device))
 
 
 def _step_rollout(
@@ -432,6 +439,9 @@ def _step_rollout(
     terms = torch.cat([part.terms for part in kept], dim=1)
     scores = torch.cat([part.scores for part in kept])
     rewards = shaped_rewards(correct, batch.lengths, s, terms, scores)  # [P'·G]
+    # the reward side on the policy's device, beside the batch (advantages meet log-probs there)
+    device = batch.response_ids.device
+    rewards, correct, terms, scores = (t.to(device) for t in (rewards, correct, terms, scores))
 
     metrics = rollout_metrics(
         torch.cat([part.correct for part in seen]),

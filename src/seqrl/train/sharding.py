@@ -140,8 +140,22 @@ def shard_model(model: nn.Module, mesh, settings: ShardSettings) -> nn.Module:
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)  # a sum over processes, not a mean
         m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
-        m.set_reduce_scatter_unused_params(True, recurse=False)
+        _reduce_scatter_unused_params(m, mesh.size())
     return model
+
+
+def _reduce_scatter_unused_params(module, world_size: int) -> None:
+    """Reduce-scatter zeros for a parameter no forward used (an expert no token chose on this
+    process), so every process makes the same collectives. One process has no one to disagree
+    with; several need a torch that has the switch (2.13 has it, 2.11 does not)."""
+    if hasattr(module, "set_reduce_scatter_unused_params"):
+        module.set_reduce_scatter_unused_params(True, recurse=False)
+    elif world_size > 1:
+        raise RuntimeError(
+            f"dist.strategy=fsdp on {world_size} processes needs a newer torch than "
+            f"{torch.__version__} (FSDPModule.set_reduce_scatter_unused_params, in torch 2.13): "
+            "upgrade torch, or use dist.strategy=replicate"
+        )
 
 
 def fsdp_modules(model) -> list[FSDPModule]:
