@@ -5,7 +5,9 @@ Arms, each (arm, seed) in its own process, one after the other, seeds interleave
 - ``async-k1``, ``async-k2``: ``rollout.max_staleness`` = 1 or 2: the trainer with one thread
   and the rollout worker process with one thread, sampling up to k steps ahead;
 - ``sync-1thread`` (``--arms``): today's loop with one thread, to tell how much of a speed-up
-  comes from the second core at all.
+  comes from the second core at all;
+- ``async-k1-2threads`` (``--arms``): k = 1 with two trainer threads beside the one-thread
+  worker (the cores are oversubscribed only while the worker samples).
 
 Everything else is the demo's config (``seqrl train`` with no argument): 32 prompts × 8
 samples per step, 4 minibatches, lr 2e-5; held-out greedy accuracy on ``--eval-size`` prompts
@@ -36,7 +38,13 @@ import time
 from pathlib import Path
 
 # arm → (rollout.max_staleness, torch threads of the trainer); the worker always has one thread
-ARMS = {"sync": (0, 2), "async-k1": (1, 1), "async-k2": (2, 1), "sync-1thread": (0, 1)}
+ARMS = {
+    "sync": (0, 2),
+    "async-k1": (1, 1),
+    "async-k2": (2, 1),
+    "sync-1thread": (0, 1),
+    "async-k1-2threads": (1, 2),
+}
 DEFAULT_ARMS = ["sync", "async-k1", "async-k2"]
 
 
@@ -174,6 +182,7 @@ def _plot(by_arm: dict, path: Path) -> None:
         "async-k1": "tab:blue",
         "async-k2": "tab:orange",
         "sync-1thread": "tab:green",
+        "async-k1-2threads": "tab:purple",
     }
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, rs in by_arm.items():

@@ -103,6 +103,16 @@ def test_a_directory_left_by_a_run_that_never_started_is_reused(tmp_path):
 
 
 # ------------------------------------------------------------------ through the trainer
+def test_releasing_a_run_directory_that_was_deleted_first_is_quiet(tmp_path):
+    """A run in a temporary folder that was cleaned up before the interpreter exits."""
+    import shutil
+
+    claim = claim_run_dir(tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")
+    claim.release()  # nothing to remove, no error
+    assert not claim.lock.held and not (tmp_path / "gone").exists()
+
+
 def test_runs_started_together_get_their_own_directories(fast_overrides, tmp_path):
     unnamed = [o for o in fast_overrides if not o.startswith("name=")]
     cfg = load_config(None, [*unnamed, "train.steps=1"])  # one config: one cached default name

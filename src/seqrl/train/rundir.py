@@ -93,7 +93,11 @@ class RunDir:
         """Drop the lock; a directory this claim made and nothing was written to is removed."""
         if not self.lock.held:
             return
-        if self.created and _contents(self.path) == []:
+        try:
+            empty = self.created and _contents(self.path) == []
+        except OSError:  # the directory is gone (a temporary folder cleaned up first)
+            empty = False
+        if empty:
             try:  # still under the lock, so no other claim can be between these two calls
                 self.lock.path.unlink()
                 self.path.rmdir()
