@@ -1,7 +1,11 @@
 """Helpers shared by several test files (importable because pytest puts tests/ on sys.path)."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def train_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -13,6 +17,28 @@ def train_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
     )
+
+
+def kill_when_checkpointed(overrides: list[str], run: Path, step: int, timeout: int = 300) -> None:
+    """Start ``seqrl train`` and SIGKILL it as soon as ``run`` has a complete step ``step``
+    checkpoint (the run must still be going then)."""
+    from seqrl.train import checkpoint as ckpt
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "seqrl", "train", "--no-progress", *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    deadline = time.time() + timeout
+    while not (run / "checkpoints" / f"step-{step}" / ckpt.MARKER).exists():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
 
 
 class ExpertsObserver:

@@ -25,6 +25,7 @@ from seqrl.train import checkpoint as ckpt
 from seqrl.train.rollout_worker import RolloutWorkerError, WeightSlots, behaviour_version
 from seqrl.train.sampling import collect_step
 from seqrl.train.trainer import Trainer, TrainingAbortedError
+from support import kill_when_checkpointed
 
 
 @pytest.fixture(autouse=True)
@@ -202,15 +203,8 @@ def test_resume_after_kill_of_an_async_run_is_exact(fast_overrides, tmp_path):
     straight = _cli(*_sets([*common, "name=straight"]))
     assert straight.wait(timeout=600) == 0, straight.stdout.read()
 
-    victim = _cli(*_sets([*common, "name=killed"]))
     run = tmp_path / "killed"
-    deadline = time.time() + 600
-    while not (run / "checkpoints" / "step-4" / ckpt.MARKER).exists():
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
+    kill_when_checkpointed([*common, "name=killed"], run, step=4, timeout=600)
     latest = ckpt.load_latest(run / "checkpoints")
     assert sorted(latest.state["rollout_versions"]) == [latest.step - 2, latest.step - 1]
 

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from seqrl.config import list_presets, load_config
 from seqrl.models import load_policy
 from seqrl.train import checkpoint as ckpt
 from seqrl.train.trainer import Trainer, TrainingAbortedError, stream_seed
+from support import kill_when_checkpointed
 
 PRESETS = [name for name, _, _ in list_presets()]
 
@@ -126,15 +125,8 @@ def test_resume_after_kill_is_bit_identical(case, fast_overrides, tmp_path):
     straight = _cli(*_sets([*common, "name=straight"]))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    victim = _cli(*_sets([*common, "name=killed"]))
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-3" / ckpt.MARKER).exists():
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
+    kill_when_checkpointed([*common, "name=killed"], run, step=3)
     logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) < 8  # really interrupted
 
