@@ -89,6 +89,7 @@ def test_isolation_is_what_it_says():
     assert ids == "65534 65534 True"
     assert net != os.readlink("/proc/self/ns/net")  # its own network namespace: no network
     assert len(eval(fds)) == 5  # stdin, stdout, stderr, the result pipe, listdir's own
+
     # /tmp holds the working directory, /home nothing, beside the read-only Python installation
     # where it lies there (a virtual environment under /tmp, say)
     def under(top: str) -> set[str]:
