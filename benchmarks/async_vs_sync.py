@@ -85,6 +85,7 @@ def one_run(args) -> None:
             "log.tensorboard=false",
             f"output_dir={args.run_root}",
             f"name={args.arm}-seed{args.seed}",
+            *args.set,
         ],
     )
     load_before = os.getloadavg()
@@ -214,6 +215,13 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/async_vs_sync"))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every arm (repeatable), e.g. rollout.max_new_tokens=96",
+    )
     p.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -232,6 +240,7 @@ def main() -> None:
                 "--run-out", str(run_out), "--run-root", str(args.out / "runs"),
                 "--steps", str(args.steps), "--eval-every", str(args.eval_every),
                 "--eval-size", str(args.eval_size),
+                *(x for o in args.set for x in ("--set", o)),
             ]  # fmt: skip
             env = dict(os.environ, OMP_NUM_THREADS=str(ARMS[arm][1]))
             subprocess.run(cmd, check=True, env=env)
@@ -244,6 +253,7 @@ def main() -> None:
         f"{min(loads):.1f}–{max(loads):.1f}; total {time.perf_counter() - t0:.0f} s\n"
         f"command: python benchmarks/async_vs_sync.py {' '.join(sys.argv[1:])}\n"
         f"steps {args.steps}, eval every {args.eval_every} steps on {args.eval_size} prompts\n"
+        + (f"overrides: {' '.join(args.set)}\n" if args.set else "")
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "summary.md").write_text(header + "\n" + table + "\n")
