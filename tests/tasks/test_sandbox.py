@@ -76,7 +76,7 @@ def test_isolation_is_what_it_says():
         "print(os.getuid(), os.getgid(), os.getpid() < 10)\n"
         "print(os.readlink('/proc/self/ns/net'))\n"
         "print(sorted(os.listdir('/proc/self/fd')))\n"
-        "print(os.listdir('/tmp'), os.listdir('/home') if os.path.exists('/home') else [])\n"
+        "print((os.listdir('/tmp'), os.listdir('/home') if os.path.exists('/home') else []))\n"
         "print(sorted(os.environ))\n"
     )
     try:
@@ -95,7 +95,7 @@ def test_isolation_is_what_it_says():
     def under(top: str) -> set[str]:
         return {r.split("/")[2] for r in sandbox._python_roots() if r.startswith(top + "/")}
 
-    tmp, home = eval(dirs.replace("] [", "], ["))
+    tmp, home = eval(dirs)
     assert set(tmp) == {"work"} | under("/tmp") and set(home) == under("/home")
     assert env == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"
     assert set(check_sandbox(LIMITS)) >= {"bubblewrap", "unprivileged-user", "no-network"}
