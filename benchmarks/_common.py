@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -10,9 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from seqrl.config import load_config
+from seqrl.compare import Arm, compare, run_name
 from seqrl.train.metrics import read_metrics
-from seqrl.train.trainer import Trainer
 
 
 def mean_sd(values: list[float], fmt: str = ".3f") -> str:
@@ -24,29 +23,46 @@ def mean_sd(values: list[float], fmt: str = ".3f") -> str:
     return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
+def slug(label: str) -> str:
+    """A run-directory-safe form of an arm label ("GRPO + replay" → "grpo-replay")."""
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
+
+
 def run_arms(
     arms: dict[str, list[str]],
     seeds: list[int],
     out: Path,
-    overrides: Callable[[int, str], list[str]],
-    run_name: Callable[[str, int], str],
+    common: list[str],
+    *,
+    jobs: int = 1,
+    threads: int = 1,
+    metric: str = "eval/greedy_acc",
 ) -> dict[str, list[list[dict]]]:
-    """Train every arm for every seed (seed-major); {arm: [metrics rows of each seed's run]}.
+    """Every arm for every seed through :func:`seqrl.compare.compare`; {arm: [each seed's rows]}.
 
-    ``overrides(seed, name)`` are the settings all arms share, ``arms[arm]`` those of one arm.
+    ``common`` are the settings all arms share, ``arms[label]`` those of one arm. Each run is its
+    own ``seqrl train`` process (``threads`` threads, ``jobs`` at once), interleaved by seed; a
+    finished run is kept and an interrupted one resumed when the script runs again (a run made
+    with other settings is refused: give another output directory). compare's own report
+    (report.md, curves, commands.sh, resolved configs) lands in ``out`` beside the runs.
     """
     console = Console()
-    results: dict[str, list[list[dict]]] = {arm: [] for arm in arms}
-    for seed in seeds:
-        for arm, extra in arms.items():
-            name = run_name(arm, seed)
-            shutil.rmtree(out / name, ignore_errors=True)
-            cfg = load_config(None, [*overrides(seed, name), *extra])
-            t0 = time.perf_counter()
-            Trainer(cfg, progress=False, console=Console(quiet=True)).fit()
-            results[arm].append(read_metrics(out / name))
-            console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
-    return results
+    specs = {label: Arm(slug(label), None, tuple(extra)) for label, extra in arms.items()}
+    t0 = time.perf_counter()
+    compare(
+        list(specs.values()),
+        seeds,
+        out=out,
+        common=common,
+        metric=metric,
+        jobs=jobs,
+        threads=threads,
+        echo=lambda line: console.print(f"[{time.perf_counter() - t0:6.0f} s] {line}"),
+    )
+    return {
+        label: [read_metrics(out / "runs" / run_name(arm, seed)) for seed in seeds]
+        for label, arm in specs.items()
+    }
 
 
 def markdown_table(

@@ -12,7 +12,16 @@ line's ones carry 70% of the time; ``--task addition`` uses ``builtin:tiny-addit
 scratchpad's layout fixes the answer length to within a few tokens, so even this task can show
 little of the length growth FIPO reports.
 
+``--task optional`` is the length testbed: the same scratchpad task from
+``builtin:tiny-scratchpad-optional``, a warm start that mostly answers with the bare ``#sum``
+(often wrong: its teacher forgot carries in its head) and sometimes writes the scratchpad (right),
+so length and correctness go together before RL. ``--arms`` adds FIPO's 7B settings and the
+control, FIPO with every weight pinned to 1. Runs go through ``seqrl compare`` (one process
+each, resumable; its report lands in OUT).
+
     python benchmarks/fipo_vs_dapo.py                             # scratchpad, 15 steps, ~3 min
+    python benchmarks/fipo_vs_dapo.py --task optional --arms DAPO FIPO "FIPO 7B" "FIPO w=1" \\
+        --steps 40 --eval-size 200 --eval-samples 4 --jobs 2 --threads 1
     python benchmarks/fipo_vs_dapo.py --steps 100 --eval-size 200 # longer
     python benchmarks/fipo_vs_dapo.py --task addition --lr 5e-5
 """
@@ -37,7 +46,14 @@ from _common import markdown_table, run_arms
 from seqrl.tasks import get_task
 from seqrl.train.metrics import metric_series
 
-ARMS = {"DAPO": ["algo.name=dapo", "algo.fipo_preset=null"], "FIPO": []}
+ARMS = {
+    "DAPO": ["algo.name=dapo", "algo.fipo_preset=null"],
+    "FIPO": [],  # official_32b: weights in [1.0, 1.2], safety threshold 10
+    "FIPO 7B": ["algo.fipo_preset=7b"],  # weights in [0.8, 1.2], safety threshold 3
+    # the control: FIPO 32B with every weight pinned to 1 (only the drop rule left over DAPO)
+    "FIPO w=1": ["algo.loss.influence_min=1.0", "algo.loss.influence_max=1.0"],
+}
+COLORS = {"DAPO": "tab:blue", "FIPO": "tab:red", "FIPO 7B": "tab:orange", "FIPO w=1": "tab:gray"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,10 +62,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--task",
-        choices=["scratchpad", "addition"],
+        choices=["scratchpad", "optional", "addition"],
         default="scratchpad",
-        help="scratchpad (long answers) or addition; each with its shipped noisy warm start",
+        help="scratchpad (long answers), optional (the scratchpad task from a warm start that "
+        "mostly answers directly) or addition; each with its shipped warm start",
     )
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["DAPO", "FIPO"])
+    p.add_argument("--eval-samples", type=int, default=1, help="k of the held-out avg@k")
     p.add_argument(
         "--digits", type=int, default=None, help="per operand (scratchpad 2, addition 3)"
     )
@@ -65,10 +84,17 @@ def parse_args() -> argparse.Namespace:
         "--warm-start", type=Path, default=None, help="an HF model dir instead of the shipped one"
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench-fipo-vs-dapo"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (jobs × threads ≤ cores)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each run")
     return p.parse_args()
 
 
-SHIPPED = {"scratchpad": "builtin:tiny-scratchpad-noisy", "addition": "builtin:tiny-addition-noisy"}
+SHIPPED = {
+    "scratchpad": "builtin:tiny-scratchpad-noisy",
+    "optional": "builtin:tiny-scratchpad-optional",
+    "addition": "builtin:tiny-addition-noisy",
+}
+TASK = {"scratchpad": "scratchpad", "optional": "scratchpad", "addition": "addition"}
 
 
 def warm_start(args) -> tuple[str, dict]:
@@ -78,9 +104,9 @@ def warm_start(args) -> tuple[str, dict]:
     return SHIPPED[args.task], {"source": f"the shipped {SHIPPED[args.task]}"}
 
 
-def overrides(args, policy: str, budget: int, seed: int, name: str) -> list[str]:
-    task = [f"task.name={args.task}", f"task.digits={args.digits}"]
-    if args.task == "scratchpad":
+def overrides(args, policy: str, budget: int) -> list[str]:
+    task = [f"task.name={TASK[args.task]}", f"task.digits={args.digits}"]
+    if TASK[args.task] == "scratchpad":
         task.append(f"task.operands={args.operands}")
     return [
         "preset=fipo",
@@ -97,13 +123,10 @@ def overrides(args, policy: str, budget: int, seed: int, name: str) -> list[str]
         "optim.warmup_steps=0",
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
-        "train.eval_samples=1",
+        f"train.eval_samples={args.eval_samples}",
         "train.checkpoint_every=0",
         "train.log_samples=0",
         "log.tensorboard=false",
-        f"seed={seed}",
-        f"output_dir={args.out}",
-        f"name={name}",
     ]
 
 
@@ -119,6 +142,9 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     return {
         "greedy_acc_start": evals[0]["eval/greedy_acc"],
         "greedy_acc_end": evals[-1]["eval/greedy_acc"],
+        "sampled_acc_start": evals[0].get("eval/sampled_acc", float("nan")),
+        "sampled_acc_end": evals[-1].get("eval/sampled_acc", float("nan")),
+        "sampled_acc_best": max(r.get("eval/sampled_acc", float("nan")) for r in evals),
         "train_acc_last": avg("train/accuracy", last),
         "len_mean_first": train[0]["response_len/mean"],
         "len_mean_last": avg("response_len/mean", last),
@@ -135,12 +161,14 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
 def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     panels = [
         ("eval/greedy_acc", "held-out greedy accuracy"),
+        ("eval/sampled_acc", "held-out sampled accuracy (avg@k)"),
+        ("response_len/corr_with_correct", "corr(response length, correct)"),
         ("train/accuracy", "training accuracy (all sampled responses)"),
         ("response_len/mean", "mean response length (tokens)"),
         ("response_len/median", "median response length (tokens)"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    colors = {"DAPO": "tab:blue", "FIPO": "tab:red"}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    colors = COLORS
     for ax, (key, panel_title) in zip(axes.flat, panels, strict=True):
         for arm, runs in results.items():
             curves = [metric_series(rows, key) for rows in runs]
@@ -163,28 +191,31 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
 def main() -> None:
     args = parse_args()
     if args.digits is None:
-        args.digits = 2 if args.task == "scratchpad" else 3
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+        args.digits = 2 if TASK[args.task] == "scratchpad" else 3
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    kwargs = {"operands": args.operands} if args.task == "scratchpad" else {}
-    task = get_task(args.task, digits=args.digits, seed=1234, **kwargs)
+    kwargs = {"operands": args.operands} if TASK[args.task] == "scratchpad" else {}
+    task = get_task(TASK[args.task], digits=args.digits, seed=1234, **kwargs)
     budget = task.max_new_tokens
     start = time.perf_counter()
     policy, sft = warm_start(args)
     console.print(f"warm start: {policy} ({sft['source']})")
 
     results = run_arms(
-        ARMS,
+        {arm: ARMS[arm] for arm in args.arms},
         args.seeds,
         args.out,
-        lambda seed, name: overrides(args, policy, budget, seed, name),
-        lambda arm, seed: f"{arm.lower()}-seed{seed}",
+        overrides(args, policy, budget),
+        jobs=args.jobs,
+        threads=args.threads,
     )
 
     columns = [
         ("greedy_acc_start", "held-out greedy acc, step 0"),
         ("greedy_acc_end", f"held-out greedy acc, step {args.steps}"),
+        ("sampled_acc_start", f"held-out avg@{args.eval_samples}, step 0"),
+        ("sampled_acc_end", f"held-out avg@{args.eval_samples}, step {args.steps}"),
+        ("sampled_acc_best", f"held-out avg@{args.eval_samples}, best eval"),
         ("train_acc_last", "train acc, last third"),
         ("len_mean_first", "mean length, step 1"),
         ("len_mean_last", "mean length, last third"),
@@ -202,7 +233,7 @@ def main() -> None:
     lines = markdown_table(summaries, columns)
     png = args.out / f"fipo_vs_dapo_{args.task}.png"
     title = f"{args.task} ({args.digits} digits"
-    title += f", {args.operands} operands)" if args.task == "scratchpad" else ")"
+    title += f", {args.operands} operands)" if TASK[args.task] == "scratchpad" else ")"
     plot(results, png, title)
     print()
     print(
@@ -214,7 +245,8 @@ def main() -> None:
     print(f"\ncurves: {png}")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); total {time.perf_counter() - start:.0f} s"
+        f"({args.threads} threads per run, {args.jobs} at once); total "
+        f"{time.perf_counter() - start:.0f} s"
     )
 
 

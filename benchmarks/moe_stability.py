@@ -1,24 +1,30 @@
-"""GSPO §5.3 on a tiny MoE: GRPO without Routing Replay, GRPO with it, GSPO without it; 3 seeds.
+"""GSPO §5.3 on a tiny MoE: GRPO without Routing Replay, GRPO with it, GSPO without it, over a
+controlled routing churn; 3 seeds, every run its own process through ``seqrl compare``.
 
-The paper's claim: on MoE policies the experts a token activates move after every update, so
-token-level importance ratios (GRPO) compare different sub-networks and training needs Routing
-Replay, while GSPO's length-normalised sequence ratio stays stable without it.
+The paper's claim: on MoE policies the experts a token activates move after every update (about
+10% on its 48-layer model), so token-level importance ratios (GRPO) compare different
+sub-networks and training needs Routing Replay, while GSPO's length-normalised sequence ratio
+stays stable without it. A 4-layer model re-routes only 1–3% by itself, so ``--reroute`` adds a
+controlled churn on top (``moe.reroute_frac`` = p: in every training forward after a rollout's
+first optimizer step, a share p of the (token, layer) pairs trade their weaker expert for the
+runner-up; p = 0.2 makes the expert change |E_new \\ E_old| / k about the paper's 10%).
 
 All arms start from the shipped ``builtin:tiny-moe-addition-noisy`` (a Qwen3-MoE, 4 blocks of 8
 experts, top-2, supervised warm start on 3-digit addition) and share the task, data order,
 seeds, group size, learning rate, minibatches per rollout (default 8, so 7 of 8 updates are
-off-policy) and no KL term. They differ only in the loss (``grpo``: token ratio clipped to
+off-policy), p and no KL term. They differ only in the loss (``grpo``: token ratio clipped to
 [0.8, 1.27], the GSPO paper's tuned range for its GRPO baseline, §5.1; ``gspo``: sequence ratio
 clipped to [3e-4, 4e-4]) and ``moe.routing_replay``.
 
-Reported per arm (mean ± sd over seeds): held-out greedy accuracy at start and end, training
-accuracy, ``moe/routing_churn`` (share of (response token, layer) pairs whose top-k set under
-π_θ differs from π_old, pooled over the updates after the first of each rollout; under replay
-it is the router's *own* choice that is compared, the experts used are the recorded ones),
-``moe/expert_change`` (|E_new \\ E_old| / k), clip fractions, KL to π_old, expert-load CV.
+Reported per arm and p (mean ± sd over seeds): held-out greedy accuracy at start, end and best,
+training accuracy, ``moe/routing_churn`` (share of (response token, layer) pairs whose top-k set
+under π_θ differs from π_old, pooled over the updates after the first of each rollout; under
+replay it is the router's *own* choice that is compared, the experts used are the recorded
+ones), ``moe/expert_change`` (|E_new \\ E_old| / k), clip fractions, KL to π_old, the ratio's
+range, expert-load CV. compare's report (95% intervals, curves, commands) is in OUT.
 
-    python benchmarks/moe_stability.py                      # 20 steps × 9 runs, a few minutes
-    python benchmarks/moe_stability.py --steps 60 --lr 1e-4 # longer, larger steps
+    python benchmarks/moe_stability.py                       # p = 0, 20 steps × 9 runs, minutes
+    python benchmarks/moe_stability.py --reroute 0 0.2 0.5 --steps 40 --jobs 2
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ ARMS = {
 COLORS = {"GRPO": "tab:blue", "GRPO + replay": "tab:green", "GSPO": "tab:red"}
 
 
+def arm_label(arm: str, p: float) -> str:
+    return f"{arm}, p={p:g}"
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="RL steps per run")
@@ -61,11 +71,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--policy", default="builtin:tiny-moe-addition-noisy", help="MoE warm start")
     p.add_argument("--out", type=Path, default=Path("runs/bench-moe-stability"))
+    p.add_argument(
+        "--reroute", type=float, nargs="+", default=[0.0], help="moe.reroute_frac values (p)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (jobs × threads ≤ cores)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
     p.add_argument("--png", type=Path, default=None, help="curves (default: OUT/moe_stability.png)")
     return p.parse_args()
 
 
-def overrides(args, seed: int, name: str) -> list[str]:
+def overrides(args) -> list[str]:
     return [
         f"model.policy={args.policy}",
         "task.name=addition",
@@ -83,9 +98,6 @@ def overrides(args, seed: int, name: str) -> list[str]:
         "train.checkpoint_every=0",
         "train.log_samples=0",
         "log.tensorboard=false",
-        f"seed={seed}",
-        f"output_dir={args.out}",
-        f"name={name}",
     ]
 
 
@@ -110,6 +122,12 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
         "expert_change": avg("moe/expert_change"),
         "clip_frac": avg("policy/clip_frac"),
         "kl_old": avg("policy/kl_old"),
+        "ratio_min": min(
+            (r["policy/ratio_min"] for r in train if "policy/ratio_min" in r), default=float("nan")
+        ),
+        "ratio_max": max(
+            (r["policy/ratio_max"] for r in train if "policy/ratio_max" in r), default=float("nan")
+        ),
         "load_cv": avg("moe/load_cv"),
         "step_s": avg("time/step_s"),
     }
@@ -120,60 +138,47 @@ def num_layers(rows: list[dict]) -> int:
 
 
 def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
+    """One row of panels per p: held-out accuracy, churn, clip fraction, KL to π_old."""
     panels = [
         ("eval/greedy_acc", "held-out greedy accuracy"),
-        ("reward/mean", "mean reward (training samples)"),
-        ("moe/routing_churn", "routing churn vs π_old (share of token × layer)"),
+        ("moe/routing_churn", "routing churn vs π_old"),
         ("policy/clip_frac", "clip fraction"),
-        ("policy/kl_old", "KL to π_old (log π_old − log π_θ)"),
+        ("policy/kl_old", "KL to π_old"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for ax, (key, panel_title) in zip(axes.flat, panels, strict=False):
-        for arm, runs in results.items():
-            curves = [metric_series(rows, key) for rows in runs]
-            for steps, values in curves:
-                ax.plot(steps, values, color=COLORS[arm], alpha=0.25, linewidth=1)
-            steps = curves[0][0]
-            if steps and all(c[0] == steps for c in curves):
-                mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
-                ax.plot(steps, mean, color=COLORS[arm], linewidth=2, label=f"{arm} (mean)")
-        ax.set_title(panel_title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax = axes.flat[-1]  # churn by depth, mean over steps and seeds
-    n = max(num_layers(rows) for runs in results.values() for rows in runs)
-    width = 0.8 / len(results)
-    for j, (arm, runs) in enumerate(results.items()):
-        per_layer = [
-            statistics.mean(
-                v for rows in runs for v in metric_series(rows, f"moe/routing_churn/layer_{i}")[1]
-            )
-            for i in range(n)
-        ]
-        ax.bar([i + j * width for i in range(n)], per_layer, width, color=COLORS[arm], label=arm)
-    ax.set_xticks([i + width for i in range(n)], [str(i) for i in range(n)])
-    ax.set_title("routing churn by layer (mean over steps, seeds)")
-    ax.set_xlabel("MoE layer (0 = nearest the embeddings)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.suptitle(f"MoE stability, {title}; thin lines = seeds")
+    ps = sorted({label.rsplit("p=", 1)[1] for label in results}, key=float)
+    fig, axes = plt.subplots(len(ps), len(panels), figsize=(16, 3.4 * len(ps)), squeeze=False)
+    for row, p in zip(axes, ps, strict=True):
+        for ax, (key, panel_title) in zip(row, panels, strict=True):
+            for arm in ARMS:
+                runs = results.get(arm_label(arm, float(p)), [])
+                curves = [metric_series(rows, key) for rows in runs]
+                for steps, values in curves:
+                    ax.plot(steps, values, color=COLORS[arm], alpha=0.25, linewidth=1)
+                if curves and all(c[0] == curves[0][0] for c in curves) and curves[0][0]:
+                    steps = curves[0][0]
+                    mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
+                    ax.plot(steps, mean, color=COLORS[arm], linewidth=2, label=f"{arm} (mean)")
+            ax.set_title(f"{panel_title}, p={p}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"MoE stability under re-routing p, {title}; thin lines = seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    arms = {
+        arm_label(arm, p): [*extra, f"moe.reroute_frac={p}"]
+        for p in args.reroute
+        for arm, extra in ARMS.items()
+    }
     results = run_arms(
-        ARMS,
-        args.seeds,
-        args.out,
-        lambda seed, name: overrides(args, seed, name),
-        lambda arm, seed: f"{arm.lower().replace(' + ', '-')}-seed{seed}",
+        arms, args.seeds, args.out, overrides(args), jobs=args.jobs, threads=args.threads
     )
 
     columns = [
@@ -188,13 +193,11 @@ def main() -> None:
         ("expert_change", "expert change \\|E_new \\ E_old\\|/k"),
         ("clip_frac", "clip fraction"),
         ("kl_old", "KL to π_old"),
+        ("ratio_min", "smallest ratio seen"),
+        ("ratio_max", "largest ratio seen"),
         ("load_cv", "expert-load CV (π_old)"),
         ("step_s", "seconds / step"),
     ]
-    summaries = {
-        arm: [summarise(rows, args.steps) for rows in runs] for arm, runs in results.items()
-    }
-    lines = markdown_table(summaries, columns, lambda key: ".2g" if key == "kl_old" else ".3f")
     png = args.png or args.out / "moe_stability.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     title = (
@@ -206,11 +209,19 @@ def main() -> None:
         f"{title}; {args.prompts} prompts × {args.group} samples per step, {args.steps} steps, "
         f"seeds {args.seeds}, mean ± sd over seeds"
     )
-    print("\n".join(lines))
-    print(f"\ncurves: {png}")
+    for p in args.reroute:
+        summaries = {
+            arm: [summarise(rows, args.steps) for rows in results[arm_label(arm, p)]]
+            for arm in ARMS
+        }
+        print(f"\nmoe.reroute_frac = {p:g}\n")
+        fmt = lambda key: ".2g" if key in ("kl_old", "ratio_min", "ratio_max") else ".3f"  # noqa: E731
+        print("\n".join(markdown_table(summaries, columns, fmt)))
+    print(f"\ncurves: {png}; compare's report: {args.out / 'report.md'}")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} thread); total {time.perf_counter() - start:.0f} s"
+        f"({args.threads} thread per run, {args.jobs} at once); total "
+        f"{time.perf_counter() - start:.0f} s"
     )
 
 

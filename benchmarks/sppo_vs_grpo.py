@@ -11,8 +11,16 @@ KL) for all three: the GRPO arm drops its preset's per-sequence mean and its KL 
 a frozen reference, which would also add a reference forward to its step time). So the arms
 differ only in the advantage: R − V(prompt) from a scalar critic (SPPO, 1 sample per prompt),
 group-normalised rewards (GRPO, 8 samples), GAE over a token critic (PPO, 1 sample; its critic
-warm-up steps train only the critic). Each (algorithm, seed) runs in its own process, one CPU
-thread, one after the other.
+warm-up steps train only the critic).
+
+Every (algorithm, seed) runs through ``seqrl compare``: its own ``seqrl train`` process with
+``--threads`` CPU threads (default 1), interleaved by seed with the arms' order rotated from seed
+to seed, ``--jobs`` at once (default 1, one after the other). With ``--jobs`` > 1 the wall-clock
+figures include the neighbouring runs' contention (alike for every arm, but not a quiet-machine
+time). Running the same command again keeps the finished runs and only summarises them (e.g.
+with another ``--target-gain``); an interrupted run starts again (no checkpoints are saved); a
+run in OUT made with other settings is refused: give another ``--out``. compare's own report
+(report.md, summary.json, curves, commands.sh, the resolved configs) lands in OUT beside the runs.
 
 Reported per run and summarised over seeds (mean ± sample std):
 - steps and time to target: RL steps, and training wall-clock (rollout + critic + policy
@@ -22,8 +30,9 @@ Reported per run and summarised over seeds (mean ± sample std):
   shared machine moves with its load, so compare times from one run on a quiet machine;
 - rollout tokens to target: sampled response tokens generated for training until then;
 - final held-out greedy accuracy;
-- peak memory: the worker process's peak resident set size, ``resource.getrusage(RUSAGE_SELF)
-  .ru_maxrss`` (includes the Python + torch baseline, which is also reported);
+- peak memory: the run process's peak resident set size, as ``seqrl compare`` records it
+  (``peak_rss_mib`` in OUT/summary.json, ``ru_maxrss`` of the process; it includes the Python +
+  torch baseline);
 - a PNG of held-out accuracy vs training wall-clock.
 
     python benchmarks/sppo_vs_grpo.py                       # defaults: ≈ 5 min on 2 quiet cores
@@ -36,12 +45,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import run_arms, slug
+from seqrl.compare import Arm, run_name
+from seqrl.train.metrics import read_metrics
 
 ALGOS = {"sppo": 1, "grpo": 8, "ppo": 1}  # preset → samples per prompt (the presets' own)
 # What every arm shares, the SPPO paper's settings for all its methods (App. E, 1.5B recipe).
@@ -60,30 +71,20 @@ ARM = {
 }
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def arm_overrides(args, algo: str) -> list[str]:
+    """What makes one arm: its preset, its sample count, its loss alignment, PPO's warm-up."""
+    extra = [f"preset={algo}", *ARM[algo], f"rollout.group_size={ALGOS[algo]}"]
+    if algo == "ppo":
+        extra.append(f"critic.warmup_steps={args.ppo_critic_warmup}")
+    return extra
 
 
-def worker(args) -> None:
-    """One (algo, seed) run in this process; writes its curve and memory figures as JSON."""
-    import torch
-
-    torch.set_num_threads(1)
-    from seqrl.config import load_config
-    from seqrl.train.trainer import Trainer
-
-    overrides = [
-        f"preset={args.algo}",
+def common_overrides(args) -> list[str]:
+    """What every arm shares (the seed, name and directory of each run are compare's)."""
+    return [
         *SHARED,
-        *ARM[args.algo],
         f"model.policy={args.warm_start}",
         f"optim.lr={args.lr}",
-        f"seed={args.seed}",
-        f"rollout.group_size={ALGOS[args.algo]}",
         f"rollout.prompts_per_step={args.prompts_per_step}",
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
@@ -92,22 +93,17 @@ def worker(args) -> None:
         "train.checkpoint_every=0",
         "train.log_samples=0",
         "log.tensorboard=false",
-        f"output_dir={args.run_root}",
-        f"name={args.algo}-seed{args.seed}",
     ]
-    if args.algo == "ppo":
-        overrides.append(f"critic.warmup_steps={args.ppo_critic_warmup}")
-    cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, progress=False)
-    rss_before = _rss_mib()
-    trainer.fit()
-    records = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    B = args.prompts_per_step * ALGOS[args.algo]
+
+
+def run_result(algo: str, seed: int, rows: list[dict], prompts_per_step: int) -> dict:
+    """One run's held-out curve (step, training time, rollout tokens, accuracy) and totals."""
+    batch = prompts_per_step * ALGOS[algo]
     elapsed, tokens, curve = 0.0, 0.0, []
-    for r in records:  # step records then eval records of the same step, in file order
+    for r in rows:  # step records then eval records of the same step, in file order
         if "time/step_s" in r:
             elapsed += r["time/step_s"]
-            tokens += r["response_len/mean"] * B
+            tokens += r["response_len/mean"] * batch
         if "eval/greedy_acc" in r:
             curve.append(
                 {
@@ -117,16 +113,21 @@ def worker(args) -> None:
                     "acc": r["eval/greedy_acc"],
                 }
             )
-    out = {
-        "algo": args.algo,
-        "seed": args.seed,
+    return {
+        "algo": algo,
+        "seed": seed,
         "curve": curve,
         "train_time_s": elapsed,
         "rollout_tokens": tokens,
-        "rss_before_train_mib": rss_before,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    Path(args.worker_out).write_text(json.dumps(out))
+
+
+def peak_memory(out: Path) -> dict[tuple[str, int], float | None]:
+    """{(arm label, seed): peak RSS in MiB} from compare's OUT/summary.json ({} if it has none)."""
+    path = out / "summary.json"
+    if not path.exists():
+        return {}
+    return {(r["arm"], r["seed"]): r.get("peak_rss_mib") for r in json.loads(path.read_text())}
 
 
 def _reach(curve: list[dict], target: float) -> dict | None:
@@ -134,6 +135,7 @@ def _reach(curve: list[dict], target: float) -> dict | None:
 
 
 def _mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
     if len(xs) == 1:
@@ -180,14 +182,7 @@ def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
             for r in results
         )
     )
-    lines.append(
-        "RSS before training (model loaded): "
-        + ", ".join(
-            f"{a} {_mean_std([r['rss_before_train_mib'] for r in results if r['algo'] == a])} MiB"
-            for a in ALGOS
-            if any(r["algo"] == a for r in results)
-        )
-    )
+    lines.append("peak RSS: of one run process (seqrl train), the Python + torch baseline included")
     _plot(results, target, out_dir / "sppo_vs_grpo.png")
     return "\n".join(lines)
 
@@ -222,8 +217,32 @@ def _plot(results: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
+def collect(args, rows: dict[str, list[list[dict]]]) -> list[dict]:
+    """Each run's result (``run_result``) with its peak memory from compare's summary.json."""
+    memory = peak_memory(args.out)
+    results = []
+    for algo in args.algos:
+        for seed, seed_rows in zip(args.seeds, rows[algo], strict=True):
+            result = run_result(algo, seed, seed_rows, args.prompts_per_step)
+            result["peak_rss_mib"] = memory.get((slug(algo), seed))
+            results.append(result)
+    return results
+
+
+def finished_rows(args) -> dict[str, list[list[dict]]]:
+    """--summarise-only: the metrics of the finished runs in OUT (nothing is run)."""
+    runs = {}
+    for algo in args.algos:
+        for seed in args.seeds:
+            run_dir = args.out / "runs" / run_name(Arm(slug(algo), None), seed)
+            if not (run_dir / "final").exists():
+                sys.exit(f"{run_dir} has not finished; run without --summarise-only to finish it")
+            runs.setdefault(algo, []).append(read_metrics(run_dir))
+    return runs
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
@@ -235,54 +254,42 @@ def main() -> None:
     p.add_argument("--warm-start", default="builtin:tiny-addition-noisy", help="model.policy")
     p.add_argument("--lr", type=float, default=2e-5, help="actor learning rate, every arm")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/sppo_vs_grpo"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (jobs × threads ≤ cores)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
     p.add_argument(
-        "--summarise-only", action="store_true", help="print OUT/results.json's table, no runs"
+        "--summarise-only",
+        action="store_true",
+        help="print the table of the finished runs in OUT, run nothing",
     )
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--algo", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    p.add_argument("--run-root", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        return worker(args)
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would be the same run
+    args.algos = list(dict.fromkeys(args.algos))
     if args.summarise_only:
-        print(
-            summarise(
-                json.loads((args.out / "results.json").read_text()), args.target_gain, args.out
-            )
-        )
+        print(summarise(collect(args, finished_rows(args)), args.target_gain, args.out))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    results, t0 = [], time.perf_counter()
-    for algo in args.algos:
-        for seed in args.seeds:
-            worker_out = args.out / f"{algo}-seed{seed}.json"
-            cmd = [
-                sys.executable, __file__, "--worker", "--algo", algo, "--seed", str(seed),
-                "--worker-out", str(worker_out), "--run-root", str(args.out / "runs"),
-                "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
-                "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
-                "--ppo-critic-warmup", str(args.ppo_critic_warmup),
-                "--warm-start", args.warm_start, "--lr", str(args.lr),
-            ]  # fmt: skip
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            subprocess.run(cmd, check=True, env=env)
-            results.append(json.loads(worker_out.read_text()))
-            print(f"{algo} seed {seed}: done ({time.perf_counter() - t0:.0f} s total)", flush=True)
-    table = summarise(results, args.target_gain, args.out)
+    t0 = time.perf_counter()
+    rows = run_arms(
+        {algo: arm_overrides(args, algo) for algo in args.algos},
+        args.seeds,
+        args.out,
+        common_overrides(args),
+        jobs=args.jobs,
+        threads=args.threads,
+    )
+    table = summarise(collect(args, rows), args.target_gain, args.out)
     header = (
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"1 torch thread per run; total {time.perf_counter() - t0:.0f} s\n"
+        f"{args.threads} torch thread(s) per run, {args.jobs} run(s) at once; "
+        f"total {time.perf_counter() - t0:.0f} s\n"
         f"command: python benchmarks/sppo_vs_grpo.py {' '.join(sys.argv[1:])}\n"
         f"steps {args.steps}, {args.prompts_per_step} prompts/step, eval every {args.eval_every} "
         f"steps on {args.eval_size} held-out prompts; warm start {args.warm_start}, lr {args.lr:g}; "
         f"shared: {' '.join(SHARED)}; grpo: {' '.join(ARM['grpo'])}\n"
     )
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "summary.md").write_text(header + "\n" + table + "\n")
     print(header + "\n" + table)
-    print(f"plot: {args.out / 'sppo_vs_grpo.png'}")
+    print(f"plot: {args.out / 'sppo_vs_grpo.png'}; compare's report: {args.out / 'report.md'}")
 
 
 if __name__ == "__main__":

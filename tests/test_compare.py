@@ -13,9 +13,11 @@ from scipy import stats
 from seqrl.compare import (
     Arm,
     CompareError,
+    _check_same_settings,
     config_diff,
     mean_ci,
     resolved_configs,
+    run_logged,
     schedule,
     summarize_run,
 )
@@ -127,18 +129,32 @@ def test_a_training_time_budget_ends_the_run_early(tmp_path):
     assert 1 in trainer.state.evals  # evaluated where it stopped
 
 
+def test_a_run_is_logged_with_its_exit_code_and_peak_memory(tmp_path):
+    log = tmp_path / "run.log"
+    big = "x = bytearray(200 * 2**20); print('ok')"  # 200 MiB, touched (zero-filled)
+    code, peak_mib = run_logged([sys.executable, "-c", big], log)
+    assert code == 0 and "ok" in log.read_text()
+    assert peak_mib >= 200
+    fail = "import sys; print('bye', file=sys.stderr); sys.exit(3)"
+    code, _ = run_logged([sys.executable, "-c", fail], log)
+    assert code == 3
+    assert log.read_text().splitlines() == ["ok", "bye"]  # appended, stderr too
+
+
 @pytest.mark.slow
 def test_compare_command_writes_a_report_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "seqrl", "compare", "a:preset=grpo", "b:preset=gspo",
            "--seeds", "0", "1", "--steps", "2", "--target", "+0.01", "--out", str(out),
            *(f"--set={c}" for c in COMMON)]  # fmt: skip
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "warning: the arms differ in" in first.stdout and "algo.loss.ratio_level" in first.stdout
     report = (out / "report.md").read_text()
     assert "| final accuracy |" in report and "| a | b |" in report
+    assert "| peak memory per run (MiB) |" in report
     summary = json.loads((out / "summary.json").read_text())
+    assert all(r["peak_rss_mib"] > 0 for r in summary)
     assert sorted((r["arm"], r["seed"]) for r in summary) == [
         ("a", 0), ("a", 1), ("b", 0), ("b", 1)
     ]  # fmt: skip
@@ -173,3 +189,17 @@ def test_compare_refuses_a_bad_arm_before_running_anything(tmp_path):
     assert result.exit_code == 2
     assert "rollout.group_size" in result.output  # the config error, with its hint
     assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_a_run_made_with_other_settings_is_neither_kept_nor_resumed(tmp_path):
+    arm = Arm.parse("a:preset=grpo")
+    run_dir = tmp_path / "runs" / "a-seed0"
+    run_dir.mkdir(parents=True)
+    placed = ["seed=0", "name=a-seed0", f"output_dir={tmp_path / 'runs'}"]
+    same = load_config(None, ["preset=grpo", *COMMON, *placed])
+    (run_dir / "config.yaml").write_text(same.to_yaml())
+    _check_same_settings(arm, 0, tmp_path, COMMON)  # the same settings: kept
+    other = load_config(None, ["preset=grpo", *COMMON, *placed, "optim.lr=1e-3"])
+    (run_dir / "config.yaml").write_text(other.to_yaml())
+    with pytest.raises(CompareError, match=r"optim.lr: 0.001 there, 2e-05 now.*another --out"):
+        _check_same_settings(arm, 0, tmp_path, COMMON)

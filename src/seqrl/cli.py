@@ -229,6 +229,19 @@ def sft(
             "(addition: the carry out of the ones column is forgotten)"
         ),
     ] = 0.0,
+    direct_answer_rate: Annotated[
+        float,
+        typer.Option(
+            help="probability that a demonstration is only the final answer, without the worked "
+            "steps (scratchpad: '#102')"
+        ),
+    ] = 0.0,
+    direct_slip_rate: Annotated[
+        float,
+        typer.Option(
+            help="probability that such a direct answer is the slip's (a forgotten carry)"
+        ),
+    ] = 0.0,
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1)] = None,
 ) -> None:
     """Supervised warm start, on a built-in task or your data (the same task settings as train).
@@ -261,6 +274,8 @@ def sft(
         lr=lr,
         seed=cfg.seed if seed is None else seed,
         teacher_slip_rate=teacher_slip_rate,
+        direct_answer_rate=direct_answer_rate,
+        direct_slip_rate=direct_slip_rate,
     )
     try:
         sft_from_config(cfg, settings, out_dir=out)
@@ -661,6 +676,7 @@ def compare(
     ] = [],  # noqa: B006
     metric: Annotated[str, typer.Option(help="the accuracy metric")] = "eval/sampled_acc",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads of each run")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at once (jobs × threads ≤ CPU cores)")] = 1,
 ) -> None:
     """Run every arm for every seed (one process each) and write a comparison report."""
     from seqrl.compare import CompareError, compare
@@ -681,6 +697,7 @@ def compare(
             common=set_,
             metric=metric,
             threads=threads,
+            jobs=jobs,
             echo=typer.echo,
         )
     except (CompareError, ConfigError) as err:

@@ -24,6 +24,9 @@ What is measured, per run (``metric`` is the held-out accuracy, avg@k by default
     tokens to target        sampled response tokens spent until then
     response length         mean of response_len/mean over the steps
     clip fraction           mean of policy/clip_frac (and policy/seq_clip_frac) over the steps
+    peak memory             the run process's peak resident set size (``ru_maxrss`` of its
+                            ``os.wait4``; the Python + torch baseline included), the largest
+                            over a resumed run's attempts; kept in ``logs/RUN.rusage.json``
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class RunSummary:
     seq_clip_frac: float | None
     steps: int
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, time, acc)
+    peak_rss_mib: float | None = None  # the run process's peak RSS; None: not recorded
 
 
 @dataclass
@@ -120,8 +124,7 @@ def train_command(
     base = [sys.executable, "-m", "seqrl", "train"]
     if resume:
         return [*base, "--resume", str(out / "runs" / run_name(arm, seed)), "--no-progress"]
-    sets = [*arm.overrides, *common]
-    sets += [f"seed={seed}", f"name={run_name(arm, seed)}", f"output_dir={out / 'runs'}"]
+    sets = [*arm.overrides, *common, *run_settings(arm, seed, out)]
     config = [arm.config] if arm.config else []
     return [*base, *config, *(f"--set={s}" for s in sets), "--no-progress"]
 
@@ -139,9 +142,42 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "final" / "config.json").exists()
 
 
+def _check_same_settings(arm: Arm, seed: int, out: Path, common: Sequence[str]) -> None:
+    """Refuse to keep or resume a run made with other settings (an earlier comparison in ``out``)."""
+    run_dir = out / "runs" / run_name(arm, seed)
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    from seqrl.config import ConfigError, load_config
+
+    sets = [*arm.overrides, *common, *run_settings(arm, seed, out)]
+    expected = _flatten(load_config(arm.config, sets).model_dump(mode="json"))
+    try:
+        found = _flatten(load_config(str(saved)).model_dump(mode="json"))
+    except ConfigError as err:
+        raise CompareError(
+            f"{saved} is not a readable run config ({err}); delete {run_dir}"
+        ) from err
+    changed = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if changed:
+        shown = ", ".join(
+            f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in changed[:5]
+        )
+        raise CompareError(
+            f"{run_dir} was made with other settings ({shown}{', …' if len(changed) > 5 else ''}); "
+            f"give this comparison another --out, or delete {run_dir} to run it again"
+        )
+
+
+def run_settings(arm: Arm, seed: int, out: Path) -> list[str]:
+    """The overrides that place one run: its seed, name and directory."""
+    return [f"seed={seed}", f"name={run_name(arm, seed)}", f"output_dir={out / 'runs'}"]
+
+
 def _run_one(arm: Arm, seed: int, out: Path, common: Sequence[str], threads: int, echo) -> None:
     """Run (or resume, or skip) one arm × seed; raises CompareError if the run fails."""
     run_dir = out / "runs" / run_name(arm, seed)
+    _check_same_settings(arm, seed, out, common)
     if _finished(run_dir):
         echo(f"{run_dir.name}: finished earlier, kept")
         return
@@ -153,14 +189,60 @@ def _run_one(arm: Arm, seed: int, out: Path, common: Sequence[str], threads: int
     log = out / "logs" / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
+    code, peak = run_logged(cmd, log, env)
+    _record_peak_rss(_rusage_path(out, run_dir.name), peak)  # a failed attempt's too
+    if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise CompareError(
-            f"{run_dir.name} failed (exit {done.returncode}); its log is {log}:\n{tail}\n"
+            f"{run_dir.name} failed (exit {code}); its log is {log}:\n{tail}\n"
             "fix the cause and run the same `seqrl compare` command again to continue"
         )
+
+
+def run_logged(
+    cmd: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[int, float]:
+    """Run ``cmd`` with its stdout and stderr appended to ``log``: (exit code, peak RSS in MiB).
+
+    The exit code is ``subprocess``'s (−N: killed by signal N). The peak resident set size is the
+    child's ``ru_maxrss`` from ``os.wait4`` on its pid (its own process, and any of its children
+    it waited for), so several threads can each wait for their own run at once.
+    """
+    with open(log, "a") as f:
+        proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted (Ctrl-C reaches the child too): let it stop
+            try:  # cleanly, as `seqrl train` does on SIGINT, then make sure it has ended
+                proc.wait(timeout=30)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+            raise
+    proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
+    kib = usage.ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
+    return code, kib / 1024
+
+
+def _rusage_path(out: Path, name: str) -> Path:
+    return out / "logs" / f"{name}.rusage.json"
+
+
+def _record_peak_rss(path: Path, mib: float) -> None:
+    """Write ``{"peak_rss_mib": ...}``, the largest of ``mib`` and what an earlier attempt wrote."""
+    earlier = read_peak_rss(path)
+    if earlier is not None:
+        mib = max(mib, earlier)
+    path.write_text(json.dumps({"peak_rss_mib": mib}) + "\n")
+
+
+def read_peak_rss(path: Path) -> float | None:
+    """The peak RSS (MiB) in a ``RUN.rusage.json``; None if it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())["peak_rss_mib"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # ------------------------------------------------------------------ configs
@@ -301,6 +383,7 @@ ROWS = [  # (RunSummary field, label, format)
     ("response_len", "mean response length", ".2f"),
     ("clip_frac", "clip fraction", ".4f"),
     ("seq_clip_frac", "sequence clip fraction", ".4f"),
+    ("peak_rss_mib", "peak memory per run (MiB)", ".0f"),
 ]
 
 
@@ -416,12 +499,17 @@ def compare(
     common: Sequence[str] = (),
     metric: str = DEFAULT_METRIC,
     threads: int = 1,
+    jobs: int = 1,
     echo=print,
 ) -> CompareReport:
     """Run every arm for every seed (each its own process) and write the report; see the module
     docstring. ``common`` are ``key=value`` overrides every arm gets; ``steps`` and
     ``wall_clock`` (a training-time budget in seconds, ``train.time_limit_s``) set the length.
+    ``jobs`` runs that many at once, in the same interleaved order (``jobs`` × ``threads`` at
+    most the CPU cores; times then include the neighbours' contention, alike for every arm).
     """
+    if jobs < 1 or threads < 1:
+        raise CompareError(f"jobs and threads must be at least 1, got {jobs} and {threads}")
     arms = [a if isinstance(a, Arm) else Arm.parse(a, i) for i, a in enumerate(arms)]
     labels = [a.label for a in arms]
     if len(set(labels)) != len(labels):
@@ -442,23 +530,45 @@ def compare(
     files = _write_inputs(arms, seeds, out, common, configs)
     if len(diff) > 1:
         echo(f"warning: the arms differ in {len(diff)} config keys: {', '.join(diff)}")
-    for arm, seed in schedule(arms, seeds):
-        _run_one(arm, seed, out, common, threads, echo)
+    _run_all(schedule(arms, seeds), out, common, threads, jobs, echo)
     from seqrl.train.metrics import read_metrics
 
-    runs = [
-        summarize_run(
-            arm.label, seed, read_metrics(out / "runs" / run_name(arm, seed)), metric, target
-        )
-        for arm in arms
-        for seed in seeds
-    ]
+    runs = []
+    for arm in arms:
+        for seed in seeds:
+            name = run_name(arm, seed)
+            run = summarize_run(arm.label, seed, read_metrics(out / "runs" / name), metric, target)
+            run.peak_rss_mib = read_peak_rss(_rusage_path(out, name))
+            runs.append(run)
     report = out / "report.md"
     report.write_text(markdown_report(runs, labels, diff, metric, target))
     summary = out / "summary.json"
     summary.write_text(json.dumps([vars(r) for r in runs], indent=1))
     files += [report, summary, *plot_curves(runs, labels, out, metric)]
     return CompareReport(out, runs, diff, files)
+
+
+def _run_all(order, out: Path, common, threads: int, jobs: int, echo) -> None:
+    """Every (arm, seed) of ``order``, ``jobs`` at a time; the first failure is raised after the
+    runs already started have ended (what finished is kept for the next try)."""
+    if jobs == 1:
+        for arm, seed in order:
+            _run_one(arm, seed, out, common, threads, echo)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:  # each thread waits on its run's process
+        futures = [pool.submit(_run_one, a, s, out, common, threads, echo) for a, s in order]
+        errors = []
+        for future in futures:
+            try:
+                future.result()
+            except CompareError as err:
+                errors.append(err)
+                for later in futures:
+                    later.cancel()  # not yet started: left for the next try
+    if errors:
+        raise errors[0]
 
 
 def _write_inputs(arms, seeds, out: Path, common, configs: dict[str, dict]) -> list[Path]:

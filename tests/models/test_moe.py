@@ -14,7 +14,7 @@ from transformers import (
 import seqrl.core as C
 from reference import ref_routing_churn
 from seqrl.models import build_tiny_model, build_tokenizer, load_policy
-from seqrl.models.moe import ROUTER_CLASSES, RouterHooks, find_routers, is_moe
+from seqrl.models.moe import ROUTER_CLASSES, RouterHooks, find_routers, is_moe, reroute
 from seqrl.models.tiny import build_tiny_moe_model
 from support import ExpertsObserver
 
@@ -258,3 +258,52 @@ def test_expert_load_and_cv():
     # mean 0.25, deviations (0.25, 1/12, -1/12, -0.25): var = (1/16 + 1/144)·2/4 = 5/144
     torch.testing.assert_close(C.load_cv(load), torch.tensor(5 / 144).sqrt() / 0.25)
     assert C.load_cv(torch.full((4,), 0.25)) == 0
+
+
+def test_reroute_trades_the_weakest_expert_for_the_runner_up_hand_worked():
+    logits = torch.tensor([[0.1, 3.0, 2.0, 1.0], [5.0, -1.0, 0.0, 4.0], [0.0, 1.0, 3.0, 2.0]])
+    own = logits.topk(2, dim=-1).indices  # [[1, 2], [0, 3], [2, 3]]
+    everything = reroute(logits, own, 1.0, torch.Generator().manual_seed(0))
+    assert everything.tolist() == [[1, 3], [0, 2], [2, 1]]  # runner-ups 3, 2, 1
+    assert torch.equal(reroute(logits, own, 0.0, torch.Generator().manual_seed(0)), own)
+    assert own.tolist() == [[1, 2], [0, 3], [2, 3]]  # the input is not modified
+
+
+def test_reroute_changes_the_asked_share_of_rows_by_exactly_one_expert():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(20_000, 8, generator=gen)
+    own = logits.topk(2, dim=-1).indices
+    new = reroute(logits, own, 0.3, torch.Generator().manual_seed(1))
+    changed = C.routing_set_changed(own, new).float()
+    assert abs(changed.mean().item() - 0.3) < 0.01
+    # a re-routed set differs in one of its two experts: |E_new \ E_old| / k = 1/2 there
+    torch.testing.assert_close(C.routing_expert_change(own, new), changed / 2)
+    again = reroute(logits, own, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(new, again)  # the generator decides which rows
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_rerouted_experts_are_the_ones_used_and_captured(arch):
+    model = _build(arch)
+    inputs = _inputs(model.config.vocab_size)
+    hooks = RouterHooks(model)
+    with torch.no_grad(), hooks.capture():
+        plain = model(**inputs).logits
+    own = [c.clone() for c in hooks.captured]
+    observer = ExpertsObserver(model)
+    with torch.no_grad(), hooks.capture(reroute=(0.5, torch.Generator().manual_seed(2))):
+        moved = model(**inputs).logits
+    for used, captured, before in zip(observer.seen, hooks.captured, own, strict=True):
+        assert torch.equal(used, captured)  # the forward went through the re-routed experts
+        share = C.routing_set_changed(before, captured).float().mean().item()
+        assert 0.2 < share < 0.8  # about half of the 27 tokens of each layer
+    assert not torch.allclose(plain, moved)
+    observer.seen.clear()
+    forced = [o.clone() for o in own]
+    with torch.no_grad(), hooks.capture(forced, reroute=(0.5, torch.Generator().manual_seed(2))):
+        replayed = model(**inputs).logits
+    for used, rec in zip(observer.seen, own, strict=True):
+        assert torch.equal(used, rec)  # under replay the recorded experts are used all the same
+    assert torch.equal(plain, replayed)
+    observer.remove()
+    hooks.remove()

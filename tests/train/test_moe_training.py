@@ -194,6 +194,50 @@ def test_replay_config_errors(tmp_path):
     assert any("nothing to replay" in w for w in validate_warnings(on_policy))
 
 
+def test_reroute_sets_the_churn_and_replay_undoes_its_effect(setup):
+    """moe.reroute_frac: a chosen churn on top of the real one; replay still uses the recording."""
+    model, batch = copy.deepcopy(setup[0]), setup[1]
+    metrics = _update(model, batch, RolloutRouting(model, replay=False, reroute_frac=0.4), lr=0.0)
+    assert abs(metrics["moe/routing_churn"] - 0.4) < 0.15  # no real churn at lr 0: all injected
+    torch.testing.assert_close(
+        metrics["moe/expert_change"], metrics["moe/routing_churn"] / 2, rtol=0, atol=1e-6
+    )  # one expert of two traded
+    replayed, rerouted_replayed = copy.deepcopy(setup[0]), copy.deepcopy(setup[0])
+    _update(replayed, batch, RolloutRouting(replayed, replay=True), lr=3.0)
+    out = _update(
+        rerouted_replayed,
+        batch,
+        RolloutRouting(rerouted_replayed, replay=True, reroute_frac=0.4),
+        lr=3.0,
+    )
+    assert out["moe/routing_churn"] > 0.2  # the routers' own (re-routed) choice is what is compared
+    # padding columns (never recorded) keep the re-routed choice: an expert then multiplies a
+    # different number of rows, which can change float rounding (~1e-7), not the experts used
+    for p, q in zip(replayed.parameters(), rerouted_replayed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    plain, rerouted = copy.deepcopy(setup[0]), copy.deepcopy(setup[0])
+    _update(plain, batch, RolloutRouting(plain, replay=False), lr=3.0)
+    _update(rerouted, batch, RolloutRouting(rerouted, replay=False, reroute_frac=0.4), lr=3.0)
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(plain.parameters(), rerouted.parameters(), strict=True)
+    )
+
+
+def test_reroute_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"moe\.reroute_frac re-routes the forwards after"):
+        load_config("grpo_moe_replay", ["moe.reroute_frac=0.1", "algo.num_minibatches=1"])
+    with pytest.raises(ConfigError, match=r"moe.reroute_frac cannot .*gradient_checkpointing"):
+        load_config("gspo_moe", ["moe.reroute_frac=0.1", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="less than 1"):
+        load_config("gspo_moe", ["moe.reroute_frac=1"])
+    cfg = load_config(
+        "gspo", ["moe.reroute_frac=0.1", "model.policy=builtin:nano", f"output_dir={tmp_path}"]
+    )
+    with pytest.raises(ValueError, match="re-routes an MoE policy's tokens"):
+        Trainer(cfg, progress=False)
+
+
 @pytest.mark.slow
 def test_cli_trains_an_moe_policy_with_routing_replay_and_plots_churn(tmp_path):
     done = train_cli(

@@ -99,3 +99,46 @@ def test_why_the_combination_is_refused(tmp_path):
         "gspo", logprobs=logprobs, old_logprobs=mu, advantages=advantages, mask=mask
     )
     assert out.metrics["policy/seq_clip_frac"] > 0  # clipped before the policy has moved
+
+
+def _collected(tmp_path, name, *overrides):
+    cfg = load_config(
+        "gspo",
+        [
+            "model.policy=builtin:tiny-addition",
+            "rollout.prompts_per_step=8",
+            "rollout.group_size=8",
+            "rollout.old_logprobs_source=sampler",
+            "task.eval_size=4",
+            f"output_dir={tmp_path}",
+            f"name={name}",
+            *overrides,
+        ],
+    )
+    trainer = Trainer(cfg, progress=False)
+    try:
+        return trainer, trainer.collect(1).batch
+    finally:
+        trainer.close()
+
+
+def test_logprob_noise_perturbs_only_the_reported_logprobs(tmp_path):
+    _, clean = _collected(tmp_path, "clean")
+    trainer, noisy = _collected(tmp_path, "noisy", "rollout.logprob_noise=0.3")
+    _, again = _collected(tmp_path, "again", "rollout.logprob_noise=0.3")
+    for field in ("prompt_ids", "response_ids", "response_mask", "truncated"):
+        assert torch.equal(getattr(clean, field), getattr(noisy, field))  # the same samples
+    mask = clean.response_mask
+    noise = (noisy.sampler_logprobs - clean.sampler_logprobs)[mask].double()
+    assert noise.numel() > 100
+    assert abs(noise.mean().item()) < 0.1 and 0.25 < noise.std().item() < 0.35
+    assert torch.equal(noisy.sampler_logprobs[~mask], clean.sampler_logprobs[~mask])  # 0 stays
+    assert torch.equal(noisy.sampler_logprobs, again.sampler_logprobs)  # seeded by run and step
+    old, _ = trainer.old_logprobs(noisy)  # π_old is the noisy μ
+    assert torch.equal(old, noisy.sampler_logprobs)
+
+
+def test_logprob_noise_that_nothing_would_read_is_refused():
+    with pytest.raises(ConfigError, match=r"rollout\.logprob_noise=0\.1 perturbs"):
+        load_config("gspo", ["rollout.logprob_noise=0.1"])
+    load_config("gspo", ["rollout.logprob_noise=0.1", "algo.mismatch.correction=truncate"])

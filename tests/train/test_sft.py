@@ -91,3 +91,31 @@ def test_scratchpad_slip_forgets_the_first_ones_carry_and_carries_on():
     assert task.slip_target(ex) == "17+25=30+12=32\n32+36=60+8=68\n#68"
     assert task.score(task.slip_target(ex), ex) == 0.0 and ex.answer == "78"
     assert task.slip_target(task.make_example([12, 34, 52])) is None  # no ones carry anywhere
+
+
+def test_direct_answers_cut_the_scratchpad_and_slip_at_their_own_rate():
+    task = get_task("scratchpad", digits=2, operands=3, seed=1)
+    ex = task.make_example([17, 25, 36])
+    assert task.direct_target(task.sft_target(ex)) == "#78"
+    assert task.score("#78", ex) == 1.0 and task.score("#68", ex) == 0.0  # a bare answer scores
+    examples = task.examples("train", 4000)
+    targets = sft_targets(
+        task, examples, random.Random(0), slip_rate=0.0, direct_rate=0.8, direct_slip_rate=0.5
+    )
+    direct = [t for t in targets if t.startswith("#")]
+    worked = [(t, e) for t, e in zip(targets, examples, strict=True) if not t.startswith("#")]
+    assert abs(len(direct) / len(examples) - 0.8) < 0.03
+    assert all(t == task.sft_target(e) for t, e in worked)  # worked steps stay correct (rate 0)
+    pairs = [(t, e) for t, e in zip(targets, examples, strict=True) if t.startswith("#")]
+    can_slip = [(t, e) for t, e in pairs if task.slip_target(e) is not None]
+    wrong = [t for t, e in pairs if t != f"#{e.answer}"]
+    assert all(task.slip_target(e) is not None for t, e in pairs if t != f"#{e.answer}")
+    assert abs(len(wrong) / len(can_slip) - 0.5) < 0.05
+    model, tok = load_policy("builtin:nano")
+    with pytest.raises(ValueError, match="no direct answer form"):
+        run_sft(
+            model,
+            tok,
+            get_task("addition", digits=2, seed=1),
+            SFTSettings(steps=1, direct_answer_rate=0.5),
+        )

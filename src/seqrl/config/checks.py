@@ -71,6 +71,17 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "rollout.old_logprobs_source=recompute (algo.mismatch can then correct for the "
             "nucleus), or rollout.top_p=1"
         )
+    uses_mu = cfg.rollout.old_logprobs_source == "sampler" or (
+        cfg.algo.mismatch.correction in ("truncate", "mask")
+        or (cfg.algo.mismatch.correction == "auto" and cfg.rollout.max_staleness > 0)
+    )
+    if cfg.rollout.logprob_noise and not uses_mu:
+        problems.append(
+            f"rollout.logprob_noise={cfg.rollout.logprob_noise:g} perturbs the sampler's "
+            "log-probs, which this run never uses (π_old is recomputed and algo.mismatch does "
+            "not correct): set rollout.old_logprobs_source=sampler (the engine's log-probs as "
+            "π_old, GSPO §5.4) or algo.mismatch.correction=truncate, or rollout.logprob_noise=0"
+        )
     if cfg.rollout.max_staleness and cfg.rollout.engine == "vllm":
         problems.append(
             "rollout.max_staleness >= 1 runs the rollout worker with rollout.engine=hf or fast; "
@@ -93,6 +104,23 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "moe.routing_replay cannot be combined with model.gradient_checkpointing (the "
             "recomputed forward would route by itself): turn one of them off"
         )
+    if cfg.moe.reroute_frac:
+        if cfg.model.gradient_checkpointing:
+            problems.append(
+                "moe.reroute_frac cannot be combined with model.gradient_checkpointing (the "
+                "recomputed forward would route by itself): turn one of them off"
+            )
+        if cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
+            problems.append(
+                "moe.reroute_frac re-routes the forwards after a rollout's first optimizer "
+                "step, and this run takes one (algo.num_minibatches × algo.ppo_epochs = 1): "
+                "raise algo.num_minibatches, or set moe.reroute_frac=0"
+            )
+        if cfg.rollout.old_logprobs_source != "recompute":
+            problems.append(
+                "moe.reroute_frac needs rollout.old_logprobs_source='recompute' (the routing "
+                "is recorded while the old log-probs are recomputed)"
+            )
     problems += _fsdp_problems(cfg)
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.algo.num_minibatches:

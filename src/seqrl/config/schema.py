@@ -166,6 +166,10 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     old_logprobs_source: Literal["recompute", "sampler"] = "recompute"
+    # Testbed (GSPO §5.4): add N(0, σ²) to every sampled token's log μ, as an inference engine
+    # whose log-probs differ from the trainer's would; the samples themselves are unchanged. Acts
+    # where μ is used: π_old with old_logprobs_source=sampler, or algo.mismatch's ratio π_old/μ.
+    logprob_noise: float = Field(0.0, ge=0)
     # fast = seqrl.rollout.fast.FastSampler (one prefill per prompt, lean decode loop that drops
     # finished rows, same samples as generate; falls back to generate where it cannot match it);
     # hf = transformers generate (the reference; any device); vllm = colocated vLLM engine,
@@ -377,6 +381,11 @@ class MoEConfig(_Section):
     # Routing Replay (GSPO §5.3, R2): route every training forward of a rollout through the
     # experts π_old chose for its tokens, with the current router's weights at those experts
     routing_replay: bool = False
+    # Testbed knob: in every training forward after a rollout's first optimizer step, re-route
+    # this share of the (token, layer) pairs (the weakest of the top-k experts traded for the
+    # runner-up), as if the router had moved that much since π_old: routing churn of a chosen
+    # size (GSPO §5.3 reports ~10%). Not in sampling, π_old or evaluation. 0 = off.
+    reroute_frac: float = Field(0.0, ge=0, lt=1)
 
 
 class FSDPConfig(_Section):

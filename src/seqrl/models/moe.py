@@ -71,13 +71,33 @@ def replay_weights(router_logits: Tensor, indices: Tensor, renormalise: bool) ->
     return weights
 
 
+def reroute(
+    router_logits: Tensor, indices: Tensor, frac: float, generator: torch.Generator
+) -> Tensor:
+    """Controlled routing churn: ``indices`` [N, k] with a random share ``frac`` of rows re-routed.
+
+    A re-routed row trades its weakest expert (the last of the router's sorted top-k) for the
+    runner-up, the (k + 1)-th by router logit [N, E]: the swap a small change of the router's
+    weights makes first, so a re-routed set differs in one expert (|E_new \\ E_old| / k = 1/k),
+    as the churn measured after real updates mostly does. Which rows is drawn from ``generator``
+    (CPU). The testbed knob ``moe.reroute_frac``; see docs/benchmarks.md.
+    """
+    N, k = indices.shape
+    chosen = (torch.rand(N, generator=generator) < frac).to(indices.device)  # [N]
+    runner_up = router_logits.detach().topk(k + 1, dim=-1).indices[:, k]  # [N]
+    out = indices.clone()
+    out[:, k - 1] = torch.where(chosen, runner_up.to(indices.dtype), indices[:, k - 1])
+    return out
+
+
 class RouterHooks:
     """Forward hooks on every router of an MoE model: capture its choices, or replay recorded ones.
 
     Idle (output untouched, nothing stored) outside :meth:`capture`. Inside ``capture(forced)``,
     every router call appends its own top-k indices [N, k] to :attr:`captured` (one entry per
     layer, in call order), and, when ``forced`` is given (one [N, k] long tensor per layer, −1 =
-    keep own choice), routes each token to the forced experts instead.
+    keep own choice), routes each token to the forced experts instead. With ``reroute=(frac,
+    generator)`` the router's own choice is first re-routed by :func:`reroute` (and captured so).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -93,6 +113,7 @@ class RouterHooks:
         self.captured: list[Tensor] = []
         self._active = False
         self._forced: list[Tensor] | None = None
+        self._reroute: tuple[float, torch.Generator] | None = None
         self._handles = [
             router.register_forward_hook(self._make_hook(layer, _renormalises(router)))
             for layer, router in enumerate(self.routers)
@@ -112,33 +133,43 @@ class RouterHooks:
                     f"router {layer} called out of order (expected {len(self.captured)}): one "
                     "capture() must wrap exactly one forward pass"
                 )
-            self.captured.append(indices.detach())
+            own = indices
+            if self._reroute is not None:
+                own = reroute(router_logits, indices, *self._reroute)
+            self.captured.append(own.detach())
             if self._forced is None:
-                return None
-            forced = self._forced[layer].to(indices.device)  # [N, k]
-            if forced.shape != indices.shape:
-                raise ValueError(
-                    f"replayed routing of layer {layer} has shape {tuple(forced.shape)}, the "
-                    f"forward routes {tuple(indices.shape)}: record and replay the same tokens"
-                )
-            forced = torch.where(forced < 0, indices, forced)  # −1: keep the router's own choice
+                if own is indices:
+                    return None
+                forced = own
+            else:
+                forced = self._forced[layer].to(indices.device)  # [N, k]
+                if forced.shape != indices.shape:
+                    raise ValueError(
+                        f"replayed routing of layer {layer} has shape {tuple(forced.shape)}, the "
+                        f"forward routes {tuple(indices.shape)}: record and replay the same tokens"
+                    )
+                forced = torch.where(forced < 0, own, forced)  # −1: keep the router's own choice
             new_weights = replay_weights(router_logits, forced, renormalise).to(weights.dtype)
             return router_logits, new_weights, forced
 
         return hook
 
     @contextmanager
-    def capture(self, forced: list[Tensor] | None = None):
+    def capture(
+        self,
+        forced: list[Tensor] | None = None,
+        reroute: tuple[float, torch.Generator] | None = None,
+    ):
         """Capture (and, with ``forced``, replay) the routing of the one forward pass inside."""
         if forced is not None and len(forced) != self.num_layers:
             raise ValueError(
                 f"forced routing has {len(forced)} layers, model has {self.num_layers}"
             )
-        self.captured, self._forced, self._active = [], forced, True
+        self.captured, self._forced, self._reroute, self._active = [], forced, reroute, True
         try:
             yield self
         finally:
-            self._active, self._forced = False, None
+            self._active, self._forced, self._reroute = False, None, None
 
     def remove(self) -> None:
         """Detach the hooks; the model routes as if they had never been there."""

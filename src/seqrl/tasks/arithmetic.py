@@ -134,6 +134,12 @@ class ScratchpadTask(Task):
         """The scratchpad completion for ``operands``."""
         return "\n".join([*scratchpad_lines(operands), f"#{sum(operands)}"])
 
+    def direct_target(self, completion: str) -> str | None:
+        """``"12+34=40+6=46\\n46+56=90+12=102\\n#102"`` → ``"#102"``: the answer without the
+        scratchpad, which the verifier accepts as well."""
+        answer = self.extract_answer(completion)
+        return None if answer is None else f"#{answer}"
+
     def sft_target(self, example: Example) -> str:
         """Built from the prompt (``"12+34+56="``), so it does not depend on ``meta``."""
         return self.target_for([int(x) for x in example.prompt.rstrip("=").split("+")])

@@ -134,6 +134,15 @@ class Task(ABC):
         """
         return None
 
+    def direct_target(self, completion: str) -> str | None:
+        """``completion`` cut to its bare final answer, as the verifier accepts it; None when the
+        task has no shorter form (the default).
+
+        ``seqrl sft --direct-answer-rate p`` trains on these with probability p: a warm start
+        that mostly answers without its worked steps (see :class:`ScratchpadTask`).
+        """
+        return None
+
     # ---- splits ----------------------------------------------------------------------------
     def max_examples(self, split: str) -> int:
         """The largest ``n`` accepted by :meth:`examples` for ``split``.

@@ -219,11 +219,17 @@ def shard_policy(cfg: RunConfig, policy, reference, mesh):
 
 def build_routing(cfg: RunConfig, policy) -> RolloutRouting | None:
     """An MoE policy's routing record (``moe/*`` metrics, Routing Replay); None when dense."""
+    if cfg.moe.reroute_frac and not is_moe(policy):
+        raise ValueError(
+            f"moe.reroute_frac={cfg.moe.reroute_frac:g} re-routes an MoE policy's tokens, but "
+            f"{cfg.model.policy} has no supported MoE router; use an MoE policy such as "
+            "builtin:tiny-moe-addition-noisy, or moe.reroute_frac=0"
+        )
     if not (cfg.moe.routing_replay or is_moe(policy)):
         return None
     # the routing is recorded in the padded layout: the policy's forwards then run padded
     # whatever algo.shared_prefix and algo.packing say (seqrl.train.forward.response_logprobs)
-    return RolloutRouting(policy, replay=cfg.moe.routing_replay)
+    return RolloutRouting(policy, replay=cfg.moe.routing_replay, reroute_frac=cfg.moe.reroute_frac)
 
 
 # ------------------------------------------------------------------ rollouts and data

@@ -10,7 +10,11 @@ Each training forward of the updates then
   only forwards after at least one optimizer step of this rollout: before it θ = θ_old;
 - with ``replay=True`` (Routing Replay, R2), routes every token through its recorded experts,
   with weights from the current router (see :mod:`seqrl.models.moe`), so the token ratios compare
-  one sub-network with itself.
+  one sub-network with itself;
+- with ``reroute_frac=p > 0`` (a testbed knob, ``moe.reroute_frac``), re-routes a random share p
+  of the (token, layer) pairs of every forward after the rollout's first optimizer step
+  (:func:`seqrl.models.moe.reroute`): routing churn of a chosen size on top of the real one.
+  Under replay the recorded experts are used all the same; the churn metrics count it.
 
 Metrics (one dict per step, pooled over the step's off-policy forwards):
     moe/routing_churn            share of (response token, layer) pairs whose top-k set under π_θ
@@ -49,16 +53,20 @@ def scoring_positions(joint_width: int, resp_mask: Tensor) -> Tensor:
 class RolloutRouting:
     """Routing capture (and optional replay) of a policy's training forwards; see the module doc."""
 
-    def __init__(self, model, *, replay: bool) -> None:
-        if replay and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    def __init__(self, model, *, replay: bool, reroute_frac: float = 0.0) -> None:
+        forcing = replay or reroute_frac > 0
+        if forcing and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ValueError(
-                "moe.routing_replay cannot be combined with gradient checkpointing: the "
-                "recomputed forward would route by itself; turn gradient checkpointing off"
+                "moe.routing_replay and moe.reroute_frac cannot be combined with gradient "
+                "checkpointing: the recomputed forward would route by itself; turn gradient "
+                "checkpointing off"
             )
         self.hooks = RouterHooks(model)
         if self.hooks.num_experts > torch.iinfo(torch.int16).max:
             raise ValueError(f"{self.hooks.num_experts} experts do not fit the int16 record")
         self.replay = replay
+        self.reroute_frac = reroute_frac
+        self._reroute_gen: torch.Generator | None = None
         self.record: Tensor | None = None  # [layers, B, Lp + T, k] int16, −1 = not recorded
         self.recording = False
         self.updates = 0
@@ -75,9 +83,16 @@ class RolloutRouting:
         self._pairs = torch.zeros((), dtype=torch.float64)  # response tokens compared (per layer)
         self._positions = torch.zeros(B, Lp + T, dtype=torch.bool)  # recorded scoring positions
 
-    def begin_updates(self) -> None:
-        """The recording is complete; the forwards that follow are the updates' forwards."""
+    def begin_updates(self, generator: torch.Generator | None = None) -> None:
+        """The recording is complete; the forwards that follow are the updates' forwards.
+
+        With ``reroute_frac`` the re-routed pairs are drawn from a stream seeded from
+        ``generator``'s seed (the update's, so runs stay exact), which it does not consume.
+        """
         self.recording = False
+        if self.reroute_frac > 0:
+            seed = 0 if generator is None else generator.initial_seed()
+            self._reroute_gen = torch.Generator().manual_seed((seed * 31 + 17) % 2**63)
 
     def optimizer_stepped(self) -> None:
         """One optimizer step taken: the forwards that follow are off-policy (θ ≠ θ_old)."""
@@ -98,7 +113,10 @@ class RolloutRouting:
         forced = None
         if self.replay and not self.recording:
             forced = [layer.reshape(-1, layer.shape[-1]) for layer in recorded]  # [b·Lj, k]
-        with self.hooks.capture(forced):
+        reroute = None
+        if self.reroute_frac > 0 and not self.recording and self.updates > 0:
+            reroute = (self.reroute_frac, self._reroute_gen)
+        with self.hooks.capture(forced, reroute):
             yield
         b = rows.numel()
         own = torch.stack([c.view(b, joint_width, -1).cpu() for c in self.hooks.captured])

@@ -420,6 +420,24 @@ def with_greedy_baseline(rollout: StepRollout, sampler, tokenizer, task, s) -> S
     return dataclasses.replace(rollout, greedy_rewards=greedy.to(rollout.rewards.device))
 
 
+def with_logprob_noise(rollout: StepRollout, std: float, generator: torch.Generator) -> StepRollout:
+    """``rollout`` with N(0, std²) added to every sampled token's log μ (``rollout.logprob_noise``).
+
+    A testbed for GSPO §5.4 (an inference engine whose log-probs differ from the trainer's): the
+    samples are unchanged, only the log-probs the sampler reports are perturbed, i.i.d. per token,
+    and the padding keeps its 0. ``generator`` (CPU) makes the noise a function of the run's seed
+    and step, so runs and resumes stay exact.
+    """
+    if std == 0:
+        return rollout
+    lp = rollout.batch.sampler_logprobs  # [B, T]
+    noise = torch.randn(lp.shape, generator=generator, dtype=torch.float64) * std  # [B, T]
+    noisy = torch.where(rollout.batch.response_mask, lp + noise.to(lp), lp)
+    return dataclasses.replace(
+        rollout, batch=dataclasses.replace(rollout.batch, sampler_logprobs=noisy)
+    )
+
+
 def _step_rollout(
     kept: list[ScoredGroups],
     seen: list[ScoredGroups],

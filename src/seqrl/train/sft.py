@@ -33,6 +33,11 @@ class SFTSettings:
     eval_size: int = 200
     log_every: int = 50
     teacher_slip_rate: float = 0.0  # P(a demonstration is the task's typical mistake instead)
+    # P(a demonstration is only the final answer, Task.direct_target: no worked steps), and
+    # P(such a direct answer is the slip's answer): a teacher that answers in its head and then
+    # forgets carries. Worked demonstrations slip at teacher_slip_rate only.
+    direct_answer_rate: float = 0.0
+    direct_slip_rate: float = 0.0
 
 
 def encode_sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -54,15 +59,29 @@ def encode_sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> dict[
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def sft_targets(task, examples, rng: random.Random, slip_rate: float = 0.0) -> list[str]:
+def sft_targets(
+    task,
+    examples,
+    rng: random.Random,
+    slip_rate: float = 0.0,
+    direct_rate: float = 0.0,
+    direct_slip_rate: float = 0.0,
+) -> list[str]:
     """The completions to imitate: each is :meth:`Task.slip_target` with probability ``slip_rate``.
 
-    An example whose task leaves no room for the slip keeps its correct target. With
-    ``slip_rate=0`` no random number is drawn, so the batches match a run without the option.
+    With ``direct_rate``, a demonstration is first, with that probability, a direct answer:
+    :meth:`Task.direct_target` of the correct completion, or of the slip with probability
+    ``direct_slip_rate``. An example whose task leaves no room for the slip keeps its correct
+    target. A rate of 0 draws no random number, so the batches match a run without the option.
     """
     targets = []
     for e in examples:
         target = task.sft_target(e)
+        if direct_rate and rng.random() < direct_rate:
+            if direct_slip_rate and rng.random() < direct_slip_rate:
+                target = task.slip_target(e) or target
+            targets.append(task.direct_target(target))
+            continue
         if slip_rate and rng.random() < slip_rate:
             target = task.slip_target(e) or target
         targets.append(target)
@@ -120,12 +139,21 @@ def run_sft(
         train = list(train_examples)
     else:
         train = task.examples("train", min(settings.train_size, task.max_examples("train")))
-    if not 0.0 <= settings.teacher_slip_rate <= 1.0:
-        raise ValueError(f"teacher_slip_rate must be in [0, 1], got {settings.teacher_slip_rate}")
-    if settings.teacher_slip_rate and all(task.slip_target(e) is None for e in train[:1000]):
+    for name in ("teacher_slip_rate", "direct_answer_rate", "direct_slip_rate"):
+        if not 0.0 <= getattr(settings, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(settings, name)}")
+    slips = settings.teacher_slip_rate or (
+        settings.direct_answer_rate and settings.direct_slip_rate
+    )
+    if slips and all(task.slip_target(e) is None for e in train[:1000]):
         raise ValueError(
             f"task {task.name!r} defines no teacher slip (Task.slip_target), so "
-            "teacher_slip_rate has nothing to inject; leave it at 0"
+            "teacher_slip_rate / direct_slip_rate have nothing to inject; leave them at 0"
+        )
+    if settings.direct_answer_rate and task.direct_target(task.sft_target(train[0])) is None:
+        raise ValueError(
+            f"task {task.name!r} has no direct answer form (Task.direct_target: the scratchpad "
+            "task has), so direct_answer_rate has nothing to cut; leave it at 0"
         )
     if eval_examples is not None:
         held_out = list(eval_examples)
@@ -168,7 +196,14 @@ def run_sft(
     start = time.perf_counter()
     for step in range(settings.steps):
         batch = rng.sample(train, settings.batch_size)
-        targets = sft_targets(task, batch, rng, settings.teacher_slip_rate)
+        targets = sft_targets(
+            task,
+            batch,
+            rng,
+            settings.teacher_slip_rate,
+            settings.direct_answer_rate,
+            settings.direct_slip_rate,
+        )
         enc = encode_sft_batch(tokenizer, [e.prompt for e in batch], targets)
         loss = model(**{k: v.to(model.device) for k, v in enc.items()}, use_cache=False).loss
         loss.backward()

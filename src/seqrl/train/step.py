@@ -152,7 +152,7 @@ def update_policy(
     # the model stays in eval mode: dropout would make π_θ random, so that the ratio at θ = θ_old
     # is not 1 and the sampler's, π_old's and the update's log-probs would disagree
     if routing is not None:
-        routing.begin_updates()
+        routing.begin_updates(generator)
     acc, skipped = optimizer_pass(
         optimizer_params(optimizer),  # under FSDP: the shards, whatever is gathered
         optimizer,

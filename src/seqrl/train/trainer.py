@@ -60,6 +60,7 @@ from seqrl.train.sampling import (
     score_rollout,
     stream_seed,
     with_greedy_baseline,
+    with_logprob_noise,
 )
 from seqrl.train.shutdown import StopRequest, exit_code
 from seqrl.train.step import compute_advantages, update_policy
@@ -255,8 +256,19 @@ class Trainer:
         With ``rollout.max_staleness`` = k ≥ 1 the rollout worker sampled it, with the policy
         of step max(0, t − 1 − k) (:mod:`seqrl.train.rollout_worker`). With dynamic sampling
         under ``torchrun`` the kept groups are rebalanced between the processes
-        (:mod:`seqrl.train.rebalance`).
+        (:mod:`seqrl.train.rebalance`). ``rollout.logprob_noise`` perturbs the sampler's
+        log-probs afterwards.
         """
+        rollout = self._collect(step)
+        std = self.cfg.rollout.logprob_noise
+        if std:
+            gen = torch.Generator().manual_seed(
+                stream_seed(self.cfg.seed, step, -7, self.dist.rank)
+            )
+            rollout = with_logprob_noise(rollout, std, gen)
+        return rollout
+
+    def _collect(self, step: int) -> StepRollout:
         remax = self.cfg.algo.advantage == "remax"
         if self.async_staleness is not None:
             return self._rollout_worker().take(step)
