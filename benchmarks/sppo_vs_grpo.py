@@ -35,8 +35,21 @@ Reported per run and summarised over seeds (mean ± sample std):
   torch baseline);
 - a PNG of held-out accuracy vs training wall-clock.
 
+- the share of each arm's step spent in the rollout (generation, rewards, advantages);
+- with ``--wall-clock``: the time at which GRPO's seed-mean curve, smoothed, peaks, when each
+  other arm's smoothed curve first reaches that peak value, and when it reaches its own peak
+  (seed-mean curves on a shared training-time grid, moving average over a fifth of the budget).
+
+``--task scratchpad`` is the generation-dominated testbed: 31–43-token answers from
+``builtin:tiny-scratchpad-noisy`` (``--warm-start`` default follows the task), many prompts per
+step, the fast sampler, and an equal training-time budget per run (``--wall-clock S``,
+``train.time_limit_s``); ``sppo_small_critic`` (SPPO with the nano critic, smaller than the
+policy) is a fourth arm.
+
     python benchmarks/sppo_vs_grpo.py                       # defaults: ≈ 5 min on 2 quiet cores
     python benchmarks/sppo_vs_grpo.py --steps 150 --seeds 0 1 2 3 4   # longer
+    python benchmarks/sppo_vs_grpo.py --task scratchpad --algos grpo sppo sppo_small_critic \\
+        --prompts-per-step 32 --wall-clock 240 --out benchmarks/results/sppo_vs_grpo_scratchpad
 """
 
 from __future__ import annotations
@@ -51,10 +64,18 @@ import time
 from pathlib import Path
 
 from _common import run_arms, slug
-from seqrl.compare import Arm, run_name
+from seqrl.compare import Arm, _common_grid, run_name
 from seqrl.train.metrics import read_metrics
 
-ALGOS = {"sppo": 1, "grpo": 8, "ppo": 1}  # preset → samples per prompt (the presets' own)
+# preset → samples per prompt (the presets' own)
+ALGOS = {"sppo": 1, "grpo": 8, "ppo": 1, "sppo_small_critic": 1}
+TASKS = {  # --task → its settings and shipped warm start
+    "addition": (["task.name=addition", "task.digits=3"], "builtin:tiny-addition-noisy"),
+    "scratchpad": (
+        ["task.name=scratchpad", "task.digits=2", "task.operands=3"],
+        "builtin:tiny-scratchpad-noisy",
+    ),
+}
 # What every arm shares, the SPPO paper's settings for all its methods (App. E, 1.5B recipe).
 SHARED = [
     "rollout.temperature=0.6",
@@ -68,6 +89,7 @@ ARM = {
     "sppo": [],
     "grpo": ["algo.loss.agg=token-mean", "algo.loss.dual_clip_c=3.0", "algo.loss.kl_coef=0.0"],
     "ppo": [],
+    "sppo_small_critic": [],
 }
 
 
@@ -81,12 +103,16 @@ def arm_overrides(args, algo: str) -> list[str]:
 
 def common_overrides(args) -> list[str]:
     """What every arm shares (the seed, name and directory of each run are compare's)."""
+    length = [f"train.steps={args.steps}"]
+    if args.wall_clock is not None:  # the time budget ends every run (steps: a safety cap)
+        length = [f"train.time_limit_s={args.wall_clock}", f"train.steps={10**6}"]
     return [
         *SHARED,
-        f"model.policy={args.warm_start}",
+        *TASKS[args.task][0],
+        f"model.policy={args.warm_start or TASKS[args.task][1]}",
         f"optim.lr={args.lr}",
         f"rollout.prompts_per_step={args.prompts_per_step}",
-        f"train.steps={args.steps}",
+        *length,
         f"train.eval_every={args.eval_every}",
         f"task.eval_size={args.eval_size}",
         "train.eval_samples=1",
@@ -99,10 +125,11 @@ def common_overrides(args) -> list[str]:
 def run_result(algo: str, seed: int, rows: list[dict], prompts_per_step: int) -> dict:
     """One run's held-out curve (step, training time, rollout tokens, accuracy) and totals."""
     batch = prompts_per_step * ALGOS[algo]
-    elapsed, tokens, curve = 0.0, 0.0, []
+    elapsed, tokens, curve, rollout = 0.0, 0.0, [], 0.0
     for r in rows:  # step records then eval records of the same step, in file order
         if "time/step_s" in r:
             elapsed += r["time/step_s"]
+            rollout += r["time/rollout_s"]
             tokens += r["response_len/mean"] * batch
         if "eval/greedy_acc" in r:
             curve.append(
@@ -118,8 +145,45 @@ def run_result(algo: str, seed: int, rows: list[dict], prompts_per_step: int) ->
         "seed": seed,
         "curve": curve,
         "train_time_s": elapsed,
+        "rollout_share": rollout / elapsed if elapsed else float("nan"),
         "rollout_tokens": tokens,
     }
+
+
+def smoothed_mean_curve(results: list[dict], algo: str) -> tuple[list[float], list[float]]:
+    """The seeds' mean held-out accuracy of ``algo`` on a shared training-time grid (51 points up
+    to its shortest run), smoothed by a centred moving average over 11 points (a fifth of it)."""
+    curves = [[(p["step"], p["time_s"], p["acc"]) for p in r["curve"]] for r in results
+              if r["algo"] == algo]  # fmt: skip
+    grid, rows = _common_grid(curves, axis=1)
+    if not grid:
+        return [], []
+    mean = [statistics.fmean(col) for col in zip(*rows, strict=True)]
+    half = 5
+    smooth = [statistics.fmean(mean[max(0, i - half) : i + half + 1]) for i in range(len(mean))]
+    return grid, smooth
+
+
+def time_to_peaks(results: list[dict], reference: str = "grpo") -> list[str]:
+    """Markdown rows: GRPO's smoothed peak, and each arm's time to it and to its own peak."""
+    ref_t, ref_y = smoothed_mean_curve(results, reference)
+    if not ref_t:
+        return []
+    i_ref = max(range(len(ref_y)), key=ref_y.__getitem__)
+    peak = ref_y[i_ref]
+    lines = [
+        f"{reference}'s smoothed peak: {peak:.3f} at {ref_t[i_ref]:.0f} s of training",
+        "",
+        f"| algo | time to {reference}'s smoothed peak (s) | own smoothed peak | at (s) |",
+        "|---|---|---|---|",
+    ]
+    for algo in dict.fromkeys(r["algo"] for r in results):
+        t, y = smoothed_mean_curve(results, algo)
+        hit = next((x for x, v in zip(t, y, strict=True) if v >= peak - 1e-12), None)
+        i = max(range(len(y)), key=y.__getitem__)
+        reached = "not reached" if hit is None else f"{hit:.0f}"
+        lines.append(f"| {algo} | {reached} | {y[i]:.3f} | {t[i]:.0f} |")
+    return lines
 
 
 def peak_memory(out: Path) -> dict[tuple[str, int], float | None]:
@@ -151,9 +215,9 @@ def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
         f"target = start + {target_gain:g} = {target:.3f}",
         "",
         "| algo | N | reached target | steps to target | time to target (s) | "
-        "rollout tokens to target | final acc | best acc | train time (s) | rollout tokens | "
-        "peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "rollout tokens to target | final acc | best acc | train time (s) | rollout share | "
+        "rollout tokens | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for algo in ALGOS:
         rs = [r for r in results if r["algo"] == algo]
@@ -169,6 +233,7 @@ def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
             f"| {_mean_std([r['curve'][-1]['acc'] for r in rs])} "
             f"| {_mean_std([max(p['acc'] for p in r['curve']) for r in rs])} "
             f"| {_mean_std([r['train_time_s'] for r in rs])} "
+            f"| {_mean_std([r['rollout_share'] for r in rs])} "
             f"| {_mean_std([r['rollout_tokens'] for r in rs])} "
             f"| {_mean_std([r['peak_rss_mib'] for r in rs])} |"
         )
@@ -183,6 +248,8 @@ def summarise(results: list[dict], target_gain: float, out_dir: Path) -> str:
         )
     )
     lines.append("peak RSS: of one run process (seqrl train), the Python + torch baseline included")
+    if any(r["algo"] == "grpo" for r in results):
+        lines += ["", *time_to_peaks(results)]
     _plot(results, target, out_dir / "sppo_vs_grpo.png")
     return "\n".join(lines)
 
@@ -193,7 +260,12 @@ def _plot(results: list[dict], target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"sppo": "tab:blue", "grpo": "tab:orange", "ppo": "tab:green"}
+    colours = {
+        "sppo": "tab:blue",
+        "grpo": "tab:orange",
+        "ppo": "tab:green",
+        "sppo_small_critic": "tab:purple",
+    }
     fig, ax = plt.subplots(figsize=(7, 4))
     for algo in ALGOS:
         for i, r in enumerate(x for x in results if x["algo"] == algo):
@@ -251,7 +323,11 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--target-gain", type=float, default=0.10)
     p.add_argument("--ppo-critic-warmup", type=int, default=2)
-    p.add_argument("--warm-start", default="builtin:tiny-addition-noisy", help="model.policy")
+    p.add_argument("--task", choices=sorted(TASKS), default="addition")
+    p.add_argument(
+        "--wall-clock", type=float, default=None, help="training seconds per run (not --steps)"
+    )
+    p.add_argument("--warm-start", default=None, help="model.policy (default: the task's)")
     p.add_argument("--lr", type=float, default=2e-5, help="actor learning rate, every arm")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/sppo_vs_grpo"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once (jobs × threads ≤ cores)")
@@ -284,7 +360,8 @@ def main() -> None:
         f"total {time.perf_counter() - t0:.0f} s\n"
         f"command: python benchmarks/sppo_vs_grpo.py {' '.join(sys.argv[1:])}\n"
         f"steps {args.steps}, {args.prompts_per_step} prompts/step, eval every {args.eval_every} "
-        f"steps on {args.eval_size} held-out prompts; warm start {args.warm_start}, lr {args.lr:g}; "
+        f"steps on {args.eval_size} held-out prompts; task {args.task}, warm start "
+        f"{args.warm_start or TASKS[args.task][1]}, lr {args.lr:g}; "
         f"shared: {' '.join(SHARED)}; grpo: {' '.join(ARM['grpo'])}\n"
     )
     (args.out / "summary.md").write_text(header + "\n" + table + "\n")
