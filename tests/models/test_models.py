@@ -240,3 +240,28 @@ def test_shipped_scratchpad_warm_start_writes_its_teachers_slip():
     slipped = sum(t == task.slip_target(e) for t, e in zip(texts, carry, strict=True)) / len(carry)
     correct = sum(task.score(t, e) for t, e in zip(texts, carry, strict=True)) / len(carry)
     assert slipped >= 0.5 and correct <= 0.4, (slipped, correct)
+
+
+def test_shipped_optional_scratchpad_warm_start_answers_mostly_bare_and_better_at_length():
+    """tiny-scratchpad-optional: sampled at temperature 1, most answers are a bare '#sum' and
+    the rest a scratchpad, which is right far more often: length and correctness go together."""
+    from seqrl.rollout import HFSampler
+    from seqrl.tasks import get_task
+
+    task = get_task("scratchpad", digits=2, operands=3, seed=1234)
+    held_out = task.examples("test", 64)
+    model, tok = load_policy("builtin:tiny-scratchpad-optional")
+    sampler = HFSampler(model, tok, max_new_tokens=task.max_new_tokens, temperature=1.0)
+    torch.manual_seed(0)
+    batch = sampler.generate([e.prompt for e in held_out], group_size=4)
+    texts = tok.batch_decode(batch.response_ids, skip_special_tokens=True)
+    examples = [e for e in held_out for _ in range(4)]
+    direct = [t.strip().startswith("#") for t in texts]
+    scores = [task.score(t, e) for t, e in zip(texts, examples, strict=True)]
+    share = sum(direct) / len(direct)
+    acc_direct = sum(s for s, d in zip(scores, direct, strict=True) if d) / max(1, sum(direct))
+    n_worked = len(direct) - sum(direct)
+    acc_worked = sum(s for s, d in zip(scores, direct, strict=True) if not d) / max(1, n_worked)
+    print(f"direct share {share:.3f}, accuracy direct {acc_direct:.3f}, worked {acc_worked:.3f}")
+    assert 0.6 <= share <= 0.95 and n_worked >= 10, share
+    assert acc_worked >= acc_direct + 0.3, (acc_direct, acc_worked)

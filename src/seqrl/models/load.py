@@ -42,6 +42,10 @@ BUILTINS: dict[str, str] = {
     "tiny-scratchpad-noisy": "the tiny model warm-started on the scratchpad task (2-digit, 3 "
     "operands; 100% held-out), then on a teacher that forgets a line's ones carry 70% of the "
     "time (27.5% held-out): a long-answer warm start for DAPO/FIPO (shipped checkpoint)",
+    "tiny-scratchpad-optional": "the tiny model warm-started on the scratchpad task (2-digit, 3 "
+    "operands), then on a teacher that mostly answers with the bare '#sum' worked in its head "
+    "(forgetting a ones carry 70% of the time) and sometimes writes the scratchpad (right): "
+    "length and correctness go together; FIPO's length testbed (shipped checkpoint)",
     "tiny-moe": "randomly initialised tiny Qwen3-MoE (4 blocks of 8 experts, top-2; ~1.4M params, "
     "seed 0) with the character tokenizer",
     "tiny-moe-addition-noisy": "tiny-moe warm-started on addition (98% held-out), then on a "
@@ -59,6 +63,10 @@ _SHIPPED = {
     "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
     "--operands 3 --steps 300 --lr 3e-4 --teacher-slip-rate 0.7 "
     "--out src/seqrl/assets/tiny-scratchpad-noisy",
+    "tiny-scratchpad-optional": "seqrl sft --task scratchpad --digits 2 --operands 3 --steps 1200 "
+    "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
+    "--operands 3 --steps 400 --lr 3e-4 --direct-answer-rate 0.8 --direct-slip-rate 0.7 "
+    "--out src/seqrl/assets/tiny-scratchpad-optional",
     "tiny-moe-addition-noisy": "seqrl sft --model builtin:tiny-moe --steps 6000 --lr 1e-3 "
     "--out moe-addition-clean && seqrl sft --model moe-addition-clean --steps 400 --lr 3e-4 "
     "--teacher-slip-rate 0.7 --out src/seqrl/assets/tiny-moe-addition-noisy",
