@@ -147,6 +147,9 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
         "sampled_acc_best": max(r.get("eval/sampled_acc", float("nan")) for r in evals),
         "train_acc_last": avg("train/accuracy", last),
         "len_mean_first": train[0]["response_len/mean"],
+        "len_mean_first5": avg("response_len/mean", train[:5]),
+        "train_acc_first5": avg("train/accuracy", train[:5]),
+        "half_len_step": half_length_step(train),
         "len_mean_last": avg("response_len/mean", last),
         "len_median_last": avg("response_len/median", last),
         "len_corr": avg("response_len/corr_with_correct"),
@@ -156,6 +159,13 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
         "gen_batches": avg("sampling/gen_batches"),
         "step_s": avg("time/step_s"),
     }
+
+
+def half_length_step(train: list[dict]) -> float:
+    """The first step whose mean response length is half-way from step 1's to the run's longest."""
+    lengths = [r["response_len/mean"] for r in train]
+    half = (lengths[0] + max(lengths)) / 2
+    return next(r["step"] for r, n in zip(train, lengths, strict=True) if n >= half)
 
 
 def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
@@ -218,6 +228,9 @@ def main() -> None:
         ("sampled_acc_best", f"held-out avg@{args.eval_samples}, best eval"),
         ("train_acc_last", "train acc, last third"),
         ("len_mean_first", "mean length, step 1"),
+        ("len_mean_first5", "mean length, steps 1–5"),
+        ("half_len_step", "step where length is half-way to its peak"),
+        ("train_acc_first5", "train acc, steps 1–5"),
         ("len_mean_last", "mean length, last third"),
         ("len_median_last", "median length, last third"),
         ("len_corr", "corr(length, correct)"),

@@ -64,7 +64,8 @@ _SHIPPED = {
     "--operands 3 --steps 300 --lr 3e-4 --teacher-slip-rate 0.7 "
     "--out src/seqrl/assets/tiny-scratchpad-noisy",
     "tiny-scratchpad-optional": "seqrl sft --task scratchpad --digits 2 --operands 3 --steps 1200 "
-    "--out scratchpad-clean && seqrl sft --model scratchpad-clean --task scratchpad --digits 2 "
+    "--out scratchpad-clean-1200 && seqrl sft --model scratchpad-clean-1200 --task scratchpad "
+    "--digits 2 "
     "--operands 3 --steps 400 --lr 3e-4 --direct-answer-rate 0.8 --direct-slip-rate 0.7 "
     "--out src/seqrl/assets/tiny-scratchpad-optional",
     "tiny-moe-addition-noisy": "seqrl sft --model builtin:tiny-moe --steps 6000 --lr 1e-3 "
