@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from seqrl.compare import Arm, compare, run_name
-from seqrl.train.metrics import read_metrics
+from seqrl.train.metrics import metric_series, read_metrics
 
 
 def mean_sd(values: list[float], fmt: str = ".3f") -> str:
@@ -77,3 +80,43 @@ def markdown_table(
         cells = [mean_sd([s[key] for s in summaries[arm]], fmt(key)) for arm in arms]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def seed_curves(ax, runs: list[list[dict]], key: str, color: str, label: str) -> None:
+    """One thin line per seed's ``key`` over steps, and their mean (where the steps agree)."""
+    curves = [metric_series(rows, key) for rows in runs]
+    for steps, values in curves:
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+    if curves and curves[0][0] and all(c[0] == curves[0][0] for c in curves):
+        steps = curves[0][0]
+        mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
+        ax.plot(steps, mean, color=color, linewidth=2, label=f"{label} (mean)")
+
+
+def sweep_tables(
+    results: dict[str, list[list[dict]]],
+    values: list[float],
+    arms: list[str],
+    arm_label: Callable[[str, float], str],
+    summarise: Callable[[list[dict]], dict[str, float]],
+    columns: list[tuple[str, str]],
+    heading: Callable[[float], str],
+    wide: tuple[str, ...] = ("kl_old", "ratio_min", "ratio_max"),
+) -> str:
+    """One markdown table per swept value (mean ± sd over seeds, arms as columns)."""
+    out = []
+    for value in values:
+        summaries = {
+            arm: [summarise(rows) for rows in results[arm_label(arm, value)]] for arm in arms
+        }
+        out += ["", heading(value), ""]
+        out += markdown_table(summaries, columns, lambda key: ".2g" if key in wide else ".3f")
+    return "\n".join(out)
+
+
+def machine_line(threads: int, jobs: int, seconds: float) -> str:
+    """The machine, torch and how the runs shared it, for the foot of a benchmark's output."""
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({threads} thread per run, {jobs} at once); total {seconds:.0f} s"
+    )

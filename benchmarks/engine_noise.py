@@ -23,8 +23,6 @@ KL to π_old. Every run is its own process through ``seqrl compare`` (its report
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,10 +31,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
-from _common import markdown_table, run_arms
-from seqrl.train.metrics import metric_series
+from _common import machine_line, run_arms, seed_curves, sweep_tables
 
 ARMS = {
     "GRPO": ["algo.name=grpo", "algo.loss.clip_high=0.27", "algo.loss.kl_coef=0.0"],
@@ -125,13 +121,7 @@ def plot(results: dict[str, list[list[dict]]], sigmas: list[float], path: Path, 
     for row, sigma in zip(axes, sigmas, strict=True):
         for ax, (key, panel_title) in zip(row, panels, strict=True):
             for arm in ARMS:
-                curves = [metric_series(rows, key) for rows in results[arm_label(arm, sigma)]]
-                for steps, values in curves:
-                    ax.plot(steps, values, color=COLORS[arm], alpha=0.25, linewidth=1)
-                if curves and curves[0][0] and all(c[0] == curves[0][0] for c in curves):
-                    steps = curves[0][0]
-                    mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
-                    ax.plot(steps, mean, color=COLORS[arm], linewidth=2, label=f"{arm} (mean)")
+                seed_curves(ax, results[arm_label(arm, sigma)], key, COLORS[arm], arm)
             ax.set_title(f"{panel_title}, σ={sigma:g}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -172,20 +162,19 @@ def main() -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.noise, png, title)
     print(f"\n{title}; seeds {args.seeds}, mean ± sd over seeds")
-    for sigma in args.noise:
-        summaries = {
-            arm: [summarise(rows, args.steps) for rows in results[arm_label(arm, sigma)]]
-            for arm in ARMS
-        }
-        print(f"\nrollout.logprob_noise σ = {sigma:g}\n")
-        fmt = lambda key: ".2g" if key in ("kl_old", "ratio_min", "ratio_max") else ".3f"  # noqa: E731
-        print("\n".join(markdown_table(summaries, columns, fmt)))
-    print(f"\ncurves: {png}; compare's report: {out / 'report.md'}")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({args.threads} thread per run, {args.jobs} at once); total "
-        f"{time.perf_counter() - start:.0f} s"
+        sweep_tables(
+            results,
+            args.noise,
+            list(ARMS),
+            arm_label,
+            lambda rows: summarise(rows, args.steps),
+            columns,
+            lambda sigma: f"rollout.logprob_noise σ = {sigma:g}",
+        )
     )
+    print(f"\ncurves: {png}; compare's report: {out / 'report.md'}")
+    print(machine_line(args.threads, args.jobs, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,8 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
-from _common import markdown_table, run_arms
+from _common import markdown_table, run_arms, seed_curves
 from seqrl.tasks import get_task
-from seqrl.train.metrics import metric_series
 
 ARMS = {
     "DAPO": ["algo.name=dapo", "algo.fipo_preset=null"],
@@ -181,13 +180,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     colors = COLORS
     for ax, (key, panel_title) in zip(axes.flat, panels, strict=True):
         for arm, runs in results.items():
-            curves = [metric_series(rows, key) for rows in runs]
-            for steps, values in curves:
-                ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=1)
-            steps = curves[0][0]
-            if all(c[0] == steps for c in curves):
-                mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
-                ax.plot(steps, mean, color=colors[arm], linewidth=2, label=f"{arm} (mean)")
+            seed_curves(ax, runs, key, colors[arm], arm)
         ax.set_title(panel_title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -30,8 +30,6 @@ range, expert-load CV. compare's report (95% intervals, curves, commands) is in 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,10 +38,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
-from _common import markdown_table, run_arms
-from seqrl.train.metrics import metric_series
+from _common import machine_line, run_arms, seed_curves, sweep_tables
 
 # GRPO as the GSPO paper's baseline (§5.1): clip [0.2, 0.27] (its tuned range), no KL term
 GRPO = ["algo.name=grpo", "algo.loss.clip_high=0.27"]
@@ -150,14 +146,7 @@ def plot(results: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     for row, p in zip(axes, ps, strict=True):
         for ax, (key, panel_title) in zip(row, panels, strict=True):
             for arm in ARMS:
-                runs = results.get(arm_label(arm, float(p)), [])
-                curves = [metric_series(rows, key) for rows in runs]
-                for steps, values in curves:
-                    ax.plot(steps, values, color=COLORS[arm], alpha=0.25, linewidth=1)
-                if curves and all(c[0] == curves[0][0] for c in curves) and curves[0][0]:
-                    steps = curves[0][0]
-                    mean = [statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
-                    ax.plot(steps, mean, color=COLORS[arm], linewidth=2, label=f"{arm} (mean)")
+                seed_curves(ax, results.get(arm_label(arm, float(p)), []), key, COLORS[arm], arm)
             ax.set_title(f"{panel_title}, p={p}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -209,20 +198,19 @@ def main() -> None:
         f"{title}; {args.prompts} prompts × {args.group} samples per step, {args.steps} steps, "
         f"seeds {args.seeds}, mean ± sd over seeds"
     )
-    for p in args.reroute:
-        summaries = {
-            arm: [summarise(rows, args.steps) for rows in results[arm_label(arm, p)]]
-            for arm in ARMS
-        }
-        print(f"\nmoe.reroute_frac = {p:g}\n")
-        fmt = lambda key: ".2g" if key in ("kl_old", "ratio_min", "ratio_max") else ".3f"  # noqa: E731
-        print("\n".join(markdown_table(summaries, columns, fmt)))
-    print(f"\ncurves: {png}; compare's report: {args.out / 'report.md'}")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({args.threads} thread per run, {args.jobs} at once); total "
-        f"{time.perf_counter() - start:.0f} s"
+        sweep_tables(
+            results,
+            args.reroute,
+            list(ARMS),
+            arm_label,
+            lambda rows: summarise(rows, args.steps),
+            columns,
+            lambda p: f"moe.reroute_frac = {p:g}",
+        )
     )
+    print(f"\ncurves: {png}; compare's report: {args.out / 'report.md'}")
+    print(machine_line(args.threads, args.jobs, time.perf_counter() - start))
 
 
 if __name__ == "__main__":
