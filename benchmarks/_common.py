@@ -26,6 +26,10 @@ def mean_sd(values: list[float], fmt: str = ".3f") -> str:
     return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
+QUIET = ["train.checkpoint_every=0", "train.log_samples=0", "log.tensorboard=false"]
+"""Overrides of benchmark runs: no checkpoints, sample logs or TensorBoard files."""
+
+
 def slug(label: str) -> str:
     """A run-directory-safe form of an arm label ("GRPO + replay" → "grpo-replay")."""
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
@@ -120,3 +124,9 @@ def machine_line(threads: int, jobs: int, seconds: float) -> str:
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
         f"({threads} thread per run, {jobs} at once); total {seconds:.0f} s"
     )
+
+
+def rows_mean(rows: list[dict], key: str) -> float:
+    """Mean of ``key`` over the metrics rows that log it as a finite number (NaN if none do)."""
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+    return statistics.mean(vals) if vals else float("nan")

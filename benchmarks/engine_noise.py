@@ -23,7 +23,6 @@ KL to π_old. Every run is its own process through ``seqrl compare`` (its report
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from _common import machine_line, run_arms, seed_curves, sweep_tables
+from _common import QUIET, machine_line, rows_mean, run_arms, seed_curves, sweep_tables
 
 ARMS = {
     "GRPO": ["algo.name=grpo", "algo.loss.clip_high=0.27", "algo.loss.kl_coef=0.0"],
@@ -81,9 +80,7 @@ def overrides(args) -> list[str]:
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
         "train.eval_samples=4",
-        "train.checkpoint_every=0",
-        "train.log_samples=0",
-        "log.tensorboard=false",
+        *QUIET,
     ]
 
 
@@ -92,8 +89,7 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     last = train[-max(1, steps // 3) :]
 
     def avg(key, part=train):
-        vals = [r[key] for r in part if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        return statistics.mean(vals) if vals else float("nan")
+        return rows_mean(part, key)
 
     evals = [r for r in rows if METRIC in r]
     return {

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
-from _common import markdown_table, run_arms, seed_curves
+from _common import QUIET, markdown_table, rows_mean, run_arms, seed_curves
 from seqrl.tasks import get_task
 
 ARMS = {
@@ -123,9 +122,7 @@ def overrides(args, policy: str, budget: int) -> list[str]:
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
         f"train.eval_samples={args.eval_samples}",
-        "train.checkpoint_every=0",
-        "train.log_samples=0",
-        "log.tensorboard=false",
+        *QUIET,
     ]
 
 
@@ -134,8 +131,7 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     last = train[-max(1, steps // 3) :]  # the last third of the steps
 
     def avg(key, part=train):
-        vals = [r[key] for r in part if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        return statistics.mean(vals) if vals else float("nan")
+        return rows_mean(part, key)
 
     evals = [r for r in rows if "eval/greedy_acc" in r]
     return {

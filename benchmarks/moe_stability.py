@@ -30,7 +30,6 @@ range, expert-load CV. compare's report (95% intervals, curves, commands) is in 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from _common import machine_line, run_arms, seed_curves, sweep_tables
+from _common import QUIET, machine_line, rows_mean, run_arms, seed_curves, sweep_tables
 
 # GRPO as the GSPO paper's baseline (§5.1): clip [0.2, 0.27] (its tuned range), no KL term
 GRPO = ["algo.name=grpo", "algo.loss.clip_high=0.27"]
@@ -91,9 +90,7 @@ def overrides(args) -> list[str]:
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
         "train.eval_samples=0",
-        "train.checkpoint_every=0",
-        "train.log_samples=0",
-        "log.tensorboard=false",
+        *QUIET,
     ]
 
 
@@ -102,8 +99,7 @@ def summarise(rows: list[dict], steps: int) -> dict[str, float]:
     last = train[-max(1, steps // 3) :]
 
     def avg(key, part=train):
-        vals = [r[key] for r in part if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        return statistics.mean(vals) if vals else float("nan")
+        return rows_mean(part, key)
 
     evals = [r for r in rows if "eval/greedy_acc" in r]
     return {

@@ -63,7 +63,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import run_arms, slug
+from _common import QUIET, run_arms, slug
 from seqrl.compare import Arm, _common_grid, run_name
 from seqrl.train.metrics import read_metrics
 
@@ -116,9 +116,7 @@ def common_overrides(args) -> list[str]:
         f"train.eval_every={args.eval_every}",
         f"task.eval_size={args.eval_size}",
         "train.eval_samples=1",
-        "train.checkpoint_every=0",
-        "train.log_samples=0",
-        "log.tensorboard=false",
+        *QUIET,
     ]
 
 
