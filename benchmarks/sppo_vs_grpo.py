@@ -313,7 +313,7 @@ def finished_rows(args) -> dict[str, list[list[dict]]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    p.add_argument("--algos", nargs="+", default=["sppo", "grpo", "ppo"], choices=list(ALGOS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=8)
