@@ -151,17 +151,17 @@ def _check_same_settings(arm: Arm, seed: int, out: Path, common: Sequence[str]) 
     from seqrl.config import ConfigError, load_config
 
     sets = [*arm.overrides, *common, *run_settings(arm, seed, out)]
-    expected = _flatten(load_config(arm.config, sets).model_dump(mode="json"))
+    expected = load_config(arm.config, sets).model_dump(mode="json")
     try:
-        found = _flatten(load_config(str(saved)).model_dump(mode="json"))
+        found = load_config(str(saved)).model_dump(mode="json")
     except ConfigError as err:
         raise CompareError(
             f"{saved} is not a readable run config ({err}); delete {run_dir}"
         ) from err
-    changed = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    changed = config_diff({"there": found, "now": expected}, ignored=())  # the run's place too
     if changed:
         shown = ", ".join(
-            f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in changed[:5]
+            f"{k}: {v['there']!r} there, {v['now']!r} now" for k, v in list(changed.items())[:5]
         )
         raise CompareError(
             f"{run_dir} was made with other settings ({shown}{', …' if len(changed) > 5 else ''}); "
@@ -277,13 +277,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_diff(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
-    """{dotted key: {arm: value}} for every key whose value is not the same in all arms."""
+def config_diff(
+    configs: dict[str, dict], ignored: Sequence[str] = IGNORED_KEYS
+) -> dict[str, dict[str, object]]:
+    """{dotted key: {arm: value}} for every key not in ``ignored`` whose value is not the same
+    in all arms."""
     flat = {arm: _flatten(c) for arm, c in configs.items()}
     keys = sorted(set().union(*(f.keys() for f in flat.values())))
     diff = {}
     for key in keys:
-        if key in IGNORED_KEYS:
+        if key in ignored:
             continue
         values = {arm: f.get(key) for arm, f in flat.items()}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:

@@ -229,6 +229,8 @@ def test_reroute_config_errors(tmp_path):
         load_config("grpo_moe_replay", ["moe.reroute_frac=0.1", "algo.num_minibatches=1"])
     with pytest.raises(ConfigError, match=r"moe.reroute_frac cannot .*gradient_checkpointing"):
         load_config("gspo_moe", ["moe.reroute_frac=0.1", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match=r"moe\.reroute_frac: .*old_logprobs_source='recompute'"):
+        load_config("gspo_moe", ["moe.reroute_frac=0.1", "rollout.old_logprobs_source=sampler"])
     with pytest.raises(ConfigError, match="less than 1"):
         load_config("gspo_moe", ["moe.reroute_frac=1"])
     cfg = load_config(

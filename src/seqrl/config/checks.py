@@ -94,33 +94,25 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "full weights of every version, which sharded training does not gather for it yet; "
             "use dist.strategy=replicate, or rollout.max_staleness=0"
         )
-    if cfg.moe.routing_replay and cfg.rollout.old_logprobs_source != "recompute":
+    # both force the routing of the updates' forwards, against the one recorded at θ_old
+    moe = {"moe.routing_replay": cfg.moe.routing_replay, "moe.reroute_frac": cfg.moe.reroute_frac}
+    forcing = " and ".join(key for key, on in moe.items() if on)
+    if forcing and cfg.rollout.old_logprobs_source != "recompute":
         problems.append(
-            "moe.routing_replay records the old policy's routing while it recomputes the old "
-            "log-probs, so it needs rollout.old_logprobs_source='recompute'"
+            f"{forcing}: the old policy's routing is recorded while the old log-probs are "
+            "recomputed, so this needs rollout.old_logprobs_source='recompute'"
         )
-    if cfg.moe.routing_replay and cfg.model.gradient_checkpointing:
+    if forcing and cfg.model.gradient_checkpointing:
         problems.append(
-            "moe.routing_replay cannot be combined with model.gradient_checkpointing (the "
-            "recomputed forward would route by itself): turn one of them off"
+            f"{forcing} cannot be combined with model.gradient_checkpointing (the recomputed "
+            "forward would route by itself): turn one of them off"
         )
-    if cfg.moe.reroute_frac:
-        if cfg.model.gradient_checkpointing:
-            problems.append(
-                "moe.reroute_frac cannot be combined with model.gradient_checkpointing (the "
-                "recomputed forward would route by itself): turn one of them off"
-            )
-        if cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
-            problems.append(
-                "moe.reroute_frac re-routes the forwards after a rollout's first optimizer "
-                "step, and this run takes one (algo.num_minibatches × algo.ppo_epochs = 1): "
-                "raise algo.num_minibatches, or set moe.reroute_frac=0"
-            )
-        if cfg.rollout.old_logprobs_source != "recompute":
-            problems.append(
-                "moe.reroute_frac needs rollout.old_logprobs_source='recompute' (the routing "
-                "is recorded while the old log-probs are recomputed)"
-            )
+    if cfg.moe.reroute_frac and cfg.algo.num_minibatches * cfg.algo.ppo_epochs == 1:
+        problems.append(
+            "moe.reroute_frac re-routes the forwards after a rollout's first optimizer step, "
+            "and this run takes one (algo.num_minibatches × algo.ppo_epochs = 1): raise "
+            "algo.num_minibatches, or set moe.reroute_frac=0"
+        )
     problems += _fsdp_problems(cfg)
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.algo.num_minibatches:

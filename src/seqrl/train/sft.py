@@ -77,14 +77,11 @@ def sft_targets(
     targets = []
     for e in examples:
         target = task.sft_target(e)
-        if direct_rate and rng.random() < direct_rate:
-            if direct_slip_rate and rng.random() < direct_slip_rate:
-                target = task.slip_target(e) or target
-            targets.append(task.direct_target(target))
-            continue
-        if slip_rate and rng.random() < slip_rate:
+        direct = bool(direct_rate) and rng.random() < direct_rate
+        rate = direct_slip_rate if direct else slip_rate
+        if rate and rng.random() < rate:
             target = task.slip_target(e) or target
-        targets.append(target)
+        targets.append(task.direct_target(target) if direct else target)
     return targets
 
 
