@@ -114,8 +114,9 @@ def test_a_model_without_a_transformers_cache_uses_generate(nano, monkeypatch):
 
     def legacy_cache(self, *args, **kwargs):  # a model handing back a plain tuple cache
         out = forward(self, *args, **kwargs)
-        if kwargs.get("logits_to_keep") == 1 and out.past_key_values is not None:
-            out.past_key_values = tuple(out.past_key_values.layers)
+        key = "cache" if "cache" in out else "past_key_values"
+        if kwargs.get("logits_to_keep") == 1 and out.get(key) is not None:
+            out[key] = tuple(out[key].layers)
         return out
 
     monkeypatch.setattr(type(model), "forward", legacy_cache)

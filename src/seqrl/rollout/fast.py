@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqrl.models.cache import cache_keyword, returned_cache
 from seqrl.rollout.base import RolloutBatch, eval_mode, response_mask_from_tokens
 from seqrl.rollout.hf import HFSampler, gumbel_noise, row_seeds
 
@@ -165,7 +166,7 @@ class FastSampler(HFSampler):
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         if not hasattr(cache, "batch_repeat_interleave"):  # no transformers Cache: use generate
             self.fallback_reason = f"the model returned a {type(cache).__name__} KV cache"
             return None
@@ -224,8 +225,8 @@ class FastSampler(HFSampler):
                 input_ids=token[:, None],
                 attention_mask=attention[:, : Lp + t + 1],
                 position_ids=next_position + t,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_keyword(model): cache},
             )
             logits = out.logits[:, -1].float()
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 import seqrl.core as C
+from seqrl.models.cache import cache_keyword, returned_cache
 from seqrl.rollout import RolloutBatch
 from seqrl.train.routing import scoring_positions
 from seqrl.train.sharding import Padding, is_sharded
@@ -103,7 +104,7 @@ def shared_prefix_logits(
         logits_to_keep=1,
     )
     logits = out.logits[:, -1:][inverse]  # [b, 1, V] predicts response token 0
-    cache = out.past_key_values
+    cache = returned_cache(out)
     if T > 1 and not hasattr(cache, "batch_select_indices"):  # no transformers Cache came back
         return None
     if T > 1:
@@ -112,8 +113,8 @@ def shared_prefix_logits(
             input_ids=resp_ids[:, :-1],
             attention_mask=attention[:, :-1],
             position_ids=positions[:, Lp:-1],
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(model): cache},
         ).logits  # [b, T − 1, V] position t predicts response token t + 1
         logits = torch.cat([logits, rest], dim=1)
     return logits, resp_ids, resp_mask
