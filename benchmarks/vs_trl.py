@@ -143,13 +143,14 @@ class SeqrlArm:
 
 
 class RawArm:
-    """The floor any trainer pays: generate, one forward/backward, one AdamW step."""
+    """The floor any trainer pays: generate, one forward/backward, one (fused) AdamW step."""
 
     def __init__(self, model_dir: Path, shape: Shape) -> None:
         from seqrl.models import load_policy
 
         self.model, self.tok = load_policy(str(model_dir))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        # fused, as TRL's default (transformers' adamw_torch_fused) and seqrl's
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.prompts = [e.prompt for e in shape.build_task().examples("train", N_EXAMPLES)]
         self.shape, self.step = shape, 0
 
