@@ -35,12 +35,8 @@ def _base(model) -> nn.Module:
 def _keyword_of(cls: type) -> str:
     try:
         parameters = inspect.signature(cls.forward).parameters
-    except (
-        AttributeError,
-        TypeError,
-        ValueError,
-    ):  # no inspectable signature: the name every version accepts
-        return "past_key_values"
+    except (AttributeError, TypeError, ValueError):
+        return "past_key_values"  # no inspectable signature: the name every version accepts
     return "cache" if "cache" in parameters else "past_key_values"
 
 
