@@ -13,6 +13,10 @@ one shard), after one warm-up step that is not counted:
     replicate-bf16       model.dtype=bfloat16: weights, gradients and AdamW state in bfloat16
     replicate-bf16-hf    the same, sampling with transformers' generate (rollout.engine=hf)
                          instead of seqrl's fast sampler
+    replicate-bf16-async-k1
+                         replicate-bf16 with rollout.max_staleness=1: a rollout worker process
+                         on the same GPU samples the next step while the trainer updates
+                         (compare its step time with replicate-bf16's)
     fsdp-bf16            dist.strategy=fsdp, float32 master weights, bfloat16 compute,
                          float32 gradient reduction (the recommended multi-GPU setting)
     fsdp-bf16-offload    the same with dist.fsdp.cpu_offload=true (shards, grads, AdamW on the CPU)
@@ -45,6 +49,7 @@ ARMS = {
     "replicate-fp32": ["model.dtype=float32"],
     "replicate-bf16": ["model.dtype=bfloat16"],
     "replicate-bf16-hf": ["model.dtype=bfloat16", "rollout.engine=hf"],
+    "replicate-bf16-async-k1": ["model.dtype=bfloat16", "rollout.max_staleness=1"],
     "fsdp-bf16": [
         "dist.strategy=fsdp",
         "dist.fsdp.param_dtype=bfloat16",
