@@ -10,8 +10,9 @@ advantages, no KL term and one on-policy AdamW step per rollout (lr 1e-5, grad-n
                 tokens; a random model stops with probability ≈ 1/90 per token, so response
                 lengths spread from 1 to 160 within a batch (median ≈ 50)
 - ``g1``        as ``long`` with one sample per prompt: 64 prompts × 1 (SPPO's and PPO's shape);
-                TRL refuses G = 1, so its check is lifted, and both sides use group-centred
-                advantages (0 at G = 1: the same forward, backward and AdamW work)
+                TRL refuses G = 1, so its check is lifted (its r − mean is 0 there); seqrl
+                refuses a group-mean advantage at G = 1 and runs SPPO's, R − V(prompt), with
+                the built-in 80k-parameter critic: a little work TRL does not do
 - ``long-30m``  ``long`` on a 31.5M-parameter model (hidden 512, 10 layers, 8/4 heads, MLP 1536)
 
 Arms, all starting from the same saved weights and run in one process:
@@ -101,6 +102,9 @@ ARMS = {
 }
 
 
+G1_ADVANTAGE = ["algo.advantage=sppo", "critic.kind=scalar", "critic.model=builtin:nano"]
+
+
 def seqrl_overrides(shape: Shape) -> list[str]:
     task = [f"task.{k}={v}" for k, v in shape.task_kwargs.items()]
     return [
@@ -117,7 +121,9 @@ def seqrl_overrides(shape: Shape) -> list[str]:
         f"optim.lr={LR}",
         "train.log_samples=0",
         f"seed={SEED}",
-        *(["algo.advantage=group_centered"] if shape.group_size == 1 else []),
+        # G = 1: seqrl refuses a group-mean advantage (always 0), so it runs SPPO's, R − V(prompt),
+        # with the small built-in critic: work on top of TRL's (whose r − mean is 0 here)
+        *(G1_ADVANTAGE if shape.group_size == 1 else []),
     ]
 
 
@@ -232,7 +238,7 @@ def build_trl(
         beta=0.0,
         num_iterations=1,
         loss_type="grpo",
-        scale_rewards="group" if G > 1 else "none",  # G = 1: r − mean = 0, as seqrl's
+        scale_rewards="group" if G > 1 else "none",  # G = 1: r − mean = 0
         learning_rate=LR,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
