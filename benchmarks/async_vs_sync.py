@@ -23,6 +23,7 @@ This is a throughput benchmark: on a machine shared with other work the ratio me
 
     python benchmarks/async_vs_sync.py                          # 3 seeds × 150 steps × 3 arms
     python benchmarks/async_vs_sync.py --steps 20 --seeds 0 --eval-every 10   # a quick check
+    python benchmarks/async_vs_sync.py --arms sync async-k1 --judge-wait-ms 2  # a waiting verifier
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ ARMS = {
     "async-k1-2threads": (1, 2),
 }
 DEFAULT_ARMS = ["sync", "async-k1", "async-k2"]
+
+
+JUDGE_ENV = "ASYNC_BENCH_JUDGE_WAIT_MS"
+
+
+def waiting_judge(completion: str, example) -> float:
+    """A reward term that only waits (``--judge-wait-ms`` per response) and scores 0: the latency
+    of a verifier that is not this machine's compute (a remote judge, a sandbox service)."""
+    time.sleep(float(os.environ.get(JUDGE_ENV, "0")) / 1000)
+    return 0.0
 
 
 def one_run(args) -> None:
@@ -222,6 +233,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a config override for every arm (repeatable), e.g. rollout.max_new_tokens=96",
     )
+    p.add_argument(
+        "--judge-wait-ms",
+        type=float,
+        default=0.0,
+        help="add a reward term that waits this long per response and scores 0 (a verifier's "
+        "latency that uses no CPU)",
+    )
     p.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -230,6 +248,9 @@ def main() -> None:
     args = p.parse_args()
     if args.one_run:
         return one_run(args)
+    if args.judge_wait_ms > 0:
+        os.environ[JUDGE_ENV] = str(args.judge_wait_ms)  # the runs inherit it
+        args.set.append("reward.terms=[{fn: 'async_vs_sync:waiting_judge', weight: 1.0}]")
     args.out.mkdir(parents=True, exist_ok=True)
     results, t0 = [], time.perf_counter()
     for seed in args.seeds:
