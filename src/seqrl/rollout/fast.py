@@ -182,6 +182,7 @@ class FastSampler(HFSampler):
         rows = torch.arange(B, device=device)  # [b]
         unfinished = torch.ones(B, dtype=torch.bool, device=device)  # [b]
         compact = self.compact_at is not None and hasattr(cache, "batch_select_indices")
+        cache_arg = cache_keyword(model)  # the forward's name for the KV cache
         response_ids = torch.full((B, T_max), pad, dtype=torch.long, device=device)  # [B, T_max]
         logprobs = None  # [B, T_max], allocated with the first step's dtype
         T = 0
@@ -226,7 +227,7 @@ class FastSampler(HFSampler):
                 attention_mask=attention[:, : Lp + t + 1],
                 position_ids=next_position + t,
                 use_cache=True,
-                **{cache_keyword(model): cache},
+                **{cache_arg: cache},
             )
             logits = out.logits[:, -1].float()
 
